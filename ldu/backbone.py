@@ -1,0 +1,322 @@
+"""Backbones: one object holding a Stable Diffusion's VAE, UNet, text encoder, tokenizer and noise schedule.
+
+`load_backbone(spec)` takes a hub id, a local folder in diffusers layout, or a built-in name (`tiny`, `pocket`,
+shipped in assets/). The models are frozen and in eval mode; the caller picks device and dtype. All latent
+arithmetic the rest of the package does (noising, DDIM steps, residuals, losses) is fp32: the helpers here
+cast into the model dtype for each call and back to fp32 for the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN = {"tiny": ASSETS / "tiny", "pocket": ASSETS / "pocket"}
+ALIASES = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21-base": "stabilityai/stable-diffusion-2-1-base",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+}
+DEFAULT_HUB_ID = ALIASES["sd15"]
+COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+# Only what protection, attacks and generation need: no safety checker, no fp16/ema duplicates.
+HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.safetensors.index.json",
+    "text_encoder/model-*.safetensors",
+    *[
+        f"{c}/{f}"
+        for c in ("unet", "vae")
+        for f in (
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json",
+            "diffusion_pytorch_model-*.safetensors",
+        )
+    ],
+]
+
+
+class BackboneError(RuntimeError):
+    """A backbone could not be loaded; the message says which and what to do instead."""
+
+
+@dataclass
+class Backbone:
+    """A frozen latent diffusion model plus the few helpers the protection methods and attacks share.
+
+    `kind` is "tiny", "pocket" or "sd" (anything loaded from a hub id or a folder); methods pick their
+    default parameters by it. `calls` counts model evaluations (batched calls, and samples in them).
+    """
+
+    spec: str
+    kind: str
+    path: Path
+    revision: str
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    notice: str | None = None  # set when this backbone is a fallback or a miniature: show it to the user
+    calls: dict = field(default_factory=lambda: {"unet": 0, "unet_samples": 0, "vae_encode": 0, "vae_decode": 0})
+
+    def __post_init__(self):
+        cfg = self.scheduler.config
+        self.prediction_type: str = cfg.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise BackboneError(f"{self.spec}: prediction_type {self.prediction_type!r} is not supported (epsilon or v_prediction)")
+        self.num_train_timesteps: int = cfg.num_train_timesteps
+        # fp32 on the device: every noising and DDIM step uses it (float64 would not help the bf16 models).
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.scaling_factor: float = float(self.vae.config.scaling_factor)
+        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels: int = self.vae.config.latent_channels
+        self.resolution: int = int(self.unet.config.sample_size) * self.vae_scale_factor
+        # Working sizes must survive every VAE and UNet down-sampling (DESIGN.md, "Resolution").
+        self.size_multiple: int = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # ---- description -------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "revision": self.revision,
+            "resolution": self.resolution,
+            "prediction_type": self.prediction_type,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+        }
+
+    def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
+        s = (size or self.resolution) // self.vae_scale_factor
+        return (self.latent_channels, s, s)
+
+    def reset_calls(self) -> None:
+        for k in self.calls:
+            self.calls[k] = 0
+
+    # ---- text --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
+        """CLIP hidden states [B, 77, D] in the model dtype (cached per prompt: prompts repeat a lot)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            hidden = self.text_encoder(ids)[0]
+            for p, h in zip(missing, hidden):
+                self._prompt_cache[p] = h
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    # ---- VAE ---------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0,1] [B,3,H,W] -> scaled posterior-mean latents s*E(x).mean, fp32 (differentiable)."""
+        self.calls["vae_encode"] += 1
+        dist = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
+        return dist.mean.float() * self.scaling_factor
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior mean and log-variance of E(x), fp32 (PID's objective uses both)."""
+        self.calls["vae_encode"] += 1
+        dist = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
+        return dist.mean.float(), dist.logvar.float()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0,1] (NOT clamped, so gradients survive at the edges), fp32."""
+        self.calls["vae_decode"] += 1
+        x = self.vae.decode((z / self.scaling_factor).to(self.dtype)).sample
+        return (x.float() + 1) / 2
+
+    # ---- UNet --------------------------------------------------------------------------------
+    def predict(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """The UNet's raw output (epsilon or v, by `prediction_type`) for latents z at timesteps t, fp32.
+
+        `cond` is [1 or B, 77, D]; with `checkpoint` the call's activations are recomputed in backward.
+        """
+        b = z.shape[0]
+        t = torch.as_tensor(t, device=self.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        cond = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond
+        self.calls["unet"] += 1
+        self.calls["unet_samples"] += b
+
+        def run(z_, c_):
+            return self.unet(z_.to(self.dtype), t, encoder_hidden_states=c_, return_dict=False)[0]
+
+        if checkpoint and torch.is_grad_enabled():
+            out = _checkpoint(run, z, cond, use_reentrant=False)
+        else:
+            out = run(z, cond)
+        return out.float()
+
+    # ---- the forward process ------------------------------------------------------------------
+    def add_noise(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * eps
+
+    def target(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output: eps, or v = sqrt(a) eps - sqrt(1-a) z0 (Salimans & Ho 2022)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * eps - (1 - a).sqrt() * z0
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_spec(spec: str | None) -> tuple[str, str | None]:
+    """(spec to load, notice). With no spec: `LDU_MODEL`, else SD 1.5 on a GPU, else the best built-in."""
+    if spec:
+        return ALIASES.get(spec, spec), None
+    env = os.environ.get("LDU_MODEL")
+    if env:
+        return ALIASES.get(env, env), None
+    if torch.cuda.is_available():
+        return DEFAULT_HUB_ID, None
+    builtin = best_builtin()
+    return builtin, (
+        f"No GPU found: using the built-in '{builtin}' backbone, a 64 px miniature "
+        + ("with RANDOM weights (its images are noise; numbers mean nothing)" if builtin == "tiny" else "trained on a handful of public images")
+        + ". Real protection needs Stable Diffusion on a GPU (--model sd15 or a local diffusers folder)."
+    )
+
+
+def best_builtin() -> str:
+    return "pocket" if (BUILTIN["pocket"] / "model_index.json").exists() else "tiny"
+
+
+def load_backbone(spec: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                  revision: str | None = None) -> Backbone:
+    """Load a backbone from a hub id, a local diffusers folder, or `tiny` / `pocket`.
+
+    With no `spec`, an unreachable hub falls back to the best built-in with a loud warning; an explicit
+    hub id that cannot be reached raises `BackboneError` saying how to use a local folder instead.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}[dtype]
+    dtype = dtype or default_dtype(device)
+    resolved, notice = resolve_spec(spec)
+    try:
+        path, kind, rev = _locate(resolved, revision)
+    except BackboneError as err:
+        if spec or os.environ.get("LDU_MODEL"):
+            raise
+        fallback = best_builtin()
+        notice = f"Could not load the default model {resolved} ({err}). FELL BACK to the built-in '{fallback}' backbone: a 64 px miniature, results are small-scale."
+        path, kind, rev = _locate(fallback, None)
+        resolved = fallback
+    if notice:
+        warnings.warn(notice, stacklevel=2)
+        log.warning(notice)
+    elif kind in ("tiny", "pocket"):
+        notice = (
+            "Built-in 'tiny' backbone: random weights, its images are noise and its numbers mean nothing."
+            if kind == "tiny"
+            else "Built-in 'pocket' backbone: a 64 px miniature trained on a handful of public images; real protection needs SD on a GPU."
+        )
+    bb = _load_components(resolved, path, kind, rev, device, dtype)
+    bb.notice = notice
+    return bb
+
+
+def _locate(spec: str, revision: str | None) -> tuple[Path, str, str]:
+    """(local folder, kind, revision) for a built-in name, a folder, or a hub id (downloaded if needed)."""
+    if spec in BUILTIN:
+        path = BUILTIN[spec]
+        if not (path / "model_index.json").exists():
+            raise BackboneError(f"the built-in '{spec}' backbone is not in {path} (see README: how to build it)")
+        return path, spec, _folder_revision(path)
+    p = Path(spec).expanduser()
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # else "owner/name": a hub id
+        if not p.is_dir():
+            raise BackboneError(f"{spec}: no such folder (a local model must be a folder in diffusers layout)")
+        missing = [c for c in COMPONENTS if not (p / c).is_dir()]
+        if missing:
+            raise BackboneError(f"{spec}: not a Stable Diffusion folder in diffusers layout (missing {', '.join(c + '/' for c in missing)})")
+        return p, "sd", _folder_revision(p)
+    return _download(spec, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str, str]:
+    from huggingface_hub import snapshot_download
+
+    try:  # the cache first: no network round trip when the model is already here
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
+    except Exception:
+        try:
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        except Exception as err:  # offline, unknown repo, gated repo: all end the same way for the user
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise BackboneError(
+                f"could not load '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: {reason}). "
+                f"On a machine with access run `huggingface-cli download {repo_id} --local-dir DIR` and pass "
+                "--model DIR, or use a built-in offline backbone: --model pocket (trained miniature) or --model tiny."
+            ) from None
+    path = Path(folder)
+    return path, "sd", path.name  # the snapshot folder is named by its commit hash
+
+
+def _folder_revision(path: Path) -> str:
+    """A content hash of a local model: configs and weights (weights by size only when large)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        if f.stat().st_size <= 64 * 2**20:
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _load_components(spec: str, path: Path, kind: str, revision: str, device: torch.device, dtype: torch.dtype) -> Backbone:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
+    if index.get("_class_name", "StableDiffusionPipeline") not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+        raise BackboneError(f"{spec}: a {index['_class_name']}, not a Stable Diffusion 1.x/2.x pipeline")
+    common = dict(local_files_only=True)
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", **common)
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"{spec}: could not load its components from {path} ({err})") from None
+    for m in (vae, unet, text_encoder):
+        m.requires_grad_(False).eval().to(device)
+    return Backbone(spec=spec, kind=kind, path=path, revision=revision, vae=vae, unet=unet, text_encoder=text_encoder,
+                    tokenizer=tokenizer, scheduler=scheduler, device=device, dtype=dtype)

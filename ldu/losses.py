@@ -1,0 +1,79 @@
+"""The losses, one name each (DESIGN.md, "The contract"), under fixed (t, eps) draws.
+
+`diffusion_loss` is the epsilon- (or v-) prediction MSE that fine-tuning minimises; `attacker_loss` is that
+loss on the latents of images x with the attack prompt: what LDU maximises, and what a personalization attack
+will have to overcome. Both evaluate the same `Draws`, so clean and protected images are compared on the
+very same noise and timesteps (one draw per step is very noisy; a fixed set averages it out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Draws:
+    """m fixed (timestep, noise) samples per image: t [m, B] int64, eps [m, B, C, h, w] fp32."""
+
+    t: torch.Tensor
+    eps: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        return self.t.shape[0]
+
+    def to(self, device) -> "Draws":
+        return Draws(self.t.to(device), self.eps.to(device))
+
+    def take(self, index) -> "Draws":
+        """The draws of a subset of images (index over the batch dimension)."""
+        return Draws(self.t[:, index], self.eps[:, index])
+
+
+def make_draws(m: int, batch: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int,
+               t_range: tuple[int, int] | None = None) -> Draws:
+    """m draws per image of t ~ U[t_range) (default: every training timestep) and eps ~ N(0, I).
+
+    Made on the CPU from `seed` so they are the same on every device.
+    """
+    if m < 1:
+        raise ValueError(f"need at least one draw, got {m}")
+    lo, hi = t_range or (0, num_train_timesteps)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(lo, hi, (m, batch), generator=g)
+    eps = torch.randn((m, batch, *latent_shape), generator=g)
+    return Draws(t, eps)
+
+
+def diffusion_loss(backbone, latents: torch.Tensor, cond: torch.Tensor, draws: Draws, reduction: str = "mean",
+                   checkpoint: bool = False) -> torch.Tensor:
+    """E over the draws of || unet(sqrt(a_t) z0 + sqrt(1-a_t) eps, t, c) - target ||^2, in fp32.
+
+    latents: scaled latents z0 [B,C,h,w]; cond: prompt embeddings [1 or B, 77, D]. The target is eps or
+    v by the backbone's prediction_type. reduction "mean" gives a scalar, "none" one value per image [B].
+    All m draws go through the UNet as one batch of m x B.
+    """
+    m, b = draws.t.shape
+    if b != latents.shape[0]:
+        raise ValueError(f"draws are for {b} images, latents for {latents.shape[0]}")
+    draws = draws.to(latents.device)
+    z0 = latents.unsqueeze(0).expand(m, *latents.shape).reshape(m * b, *latents.shape[1:])
+    t = draws.t.reshape(m * b)
+    eps = draws.eps.reshape(m * b, *latents.shape[1:])
+    cond = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond
+    cond = cond.unsqueeze(0).expand(m, *cond.shape).reshape(m * b, *cond.shape[1:])
+    out = backbone.predict(backbone.add_noise(z0, t, eps), t, cond, checkpoint=checkpoint)
+    err = (out - backbone.target(z0, t, eps)).pow(2).mean(dim=(1, 2, 3)).view(m, b)
+    if reduction == "none":
+        return err.mean(0)
+    if reduction == "mean":
+        return err.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def attacker_loss(backbone, x: torch.Tensor, cond: torch.Tensor, draws: Draws, reduction: str = "mean",
+                  checkpoint: bool = False) -> torch.Tensor:
+    """diffusion_loss of the backbone on s * E(x).mean, x in [0,1] [B,3,H,W], with the attack prompt `cond`."""
+    return diffusion_loss(backbone, backbone.encode(x), cond, draws, reduction=reduction, checkpoint=checkpoint)
