@@ -1,0 +1,224 @@
+"""Command line: `python -m ldu protect IN... --out DIR` and `python -m ldu methods`.
+
+Every problem with the input is found before any work starts and printed as one line naming the file and
+the problem (exit status 2). Outputs are written batch by batch, atomically, so an interruption keeps what
+was already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from fractions import Fraction
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+UNSET = argparse.SUPPRESS  # a flag not given leaves no attribute, so "--linf none" and "not given" differ
+SHORTCUTS = ("budget_rms", "linf", "iterations", "mode", "prompt", "seed")
+
+
+def number(text: str) -> float:
+    """A float, or a fraction like 8/255 (budgets are in [0,1] pixel units)."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r} (e.g. 0.03 or 8/255)") from None
+
+
+def optional_number(text: str) -> float | None:
+    return None if text.strip().lower() in ("none", "off") else number(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ldu", description="LDU Playground: protect photos against diffusion personalization.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("protect", help="protect images; writes lossless PNGs and JSON manifests")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    p.add_argument("--model", default=None, help="hub id, local diffusers folder, sd15, sd21-base, pocket or tiny (default: SD 1.5 on a GPU, else the built-in)")
+    p.add_argument("--method", default="ldu", help="protection method (see `python -m ldu methods`)")
+    p.add_argument("--budget-rms", type=optional_number, default=UNSET, help="per-image RMS budget in [0,1] pixels, e.g. 8/255 ('none' to drop it)")
+    p.add_argument("--linf", type=optional_number, default=UNSET, help="Linf budget in [0,1] pixels, e.g. 16/255 ('none' to drop it)")
+    p.add_argument("--iterations", type=int, default=UNSET, help="optimisation steps")
+    p.add_argument("--mode", choices=("residual", "decode"), default=UNSET, help="LDU output form")
+    p.add_argument("--prompt", default=UNSET, help="attack prompt the protection is aimed at")
+    p.add_argument("--seed", type=int, default=UNSET, help="seed (the same seed reproduces the output on CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any other method parameter, e.g. --set strength=0.4")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="model dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="images protected together (1-8; one subject per batch)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name")
+    p.add_argument("--manifest-dir", type=Path, default=None, help="write the JSON manifests here instead of beside the PNGs")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("methods", help="list protection methods, their parameters and defaults")
+    m.add_argument("--kind", default="sd", help="defaults for this backbone kind: sd, pocket or tiny")
+    m.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"protect": cmd_protect, "methods": cmd_methods}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: outputs already written are kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def cmd_methods(args) -> int:
+    from .methods import methods
+
+    described = [m.describe(args.kind) for m in methods.values()]
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    for d in described:
+        print(f"{d['name']}: {d['summary']}\n  binding budget: {d['binds']}\n  parameters (defaults for {args.kind}):")
+        for p in d["params"]:
+            print(f"    {p['name']:<12} = {_fmt(p['default']):<24} {p['help']}")
+        print()
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        frac = Fraction(v).limit_denominator(255)
+        return f"{v:.6g}" + (f" ({frac})" if frac.denominator == 255 and abs(float(frac) - v) < 1e-12 else "")
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _kind_of(spec: str | None) -> str:
+    from .backbone import BUILTIN, resolve_spec
+
+    resolved = resolve_spec(spec)[0]
+    return resolved if resolved in BUILTIN else "sd"
+
+
+def _overrides(args, params_cls) -> dict:
+    """Method parameters from the flags and --set NAME=VALUE, converted by the dataclass field types."""
+    out = {name: getattr(args, name) for name in SHORTCUTS if hasattr(args, name)}
+    hints = typing.get_type_hints(params_cls)
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
+        name, value = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        if name not in hints:
+            fields = ", ".join(f.name for f in dataclasses.fields(params_cls))
+            raise ValueError(f"--set {name}: no such parameter (it has: {fields})")
+        out[name] = _convert(value, hints[name], name)
+    return out
+
+
+def _convert(value: str, hint, name: str):
+    kinds = typing.get_args(hint) or (hint,)
+    v = value.strip()
+    if type(None) in kinds and v.lower() in ("none", "off"):
+        return None
+    try:
+        if bool in kinds:
+            if v.lower() not in ("1", "0", "true", "false", "yes", "no", "on"):
+                raise ValueError
+            return v.lower() in ("1", "true", "yes", "on")
+        if int in kinds:
+            return int(v)
+        if float in kinds:
+            return number(v)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"--set {name}={value}: expected {' or '.join(k.__name__ for k in kinds)}") from None
+    return v
+
+
+def cmd_protect(args) -> int:
+    from .io import DEFAULT_MAX_PIXELS, ImageLoadError, load_images
+    from .methods import get_method
+
+    # 1. Everything that can be checked without a model, before any work.
+    try:
+        method = get_method(args.method)
+        overrides = _overrides(args, method.params)
+        method.make_params(_kind_of(args.model), **overrides)
+        if not 1 <= args.batch_size <= 8:
+            raise ValueError(f"--batch-size must be 1 to 8, got {args.batch_size}")
+    except ValueError as err:
+        return _fail(str(err))
+    try:
+        images = load_images(list(args.inputs), max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    except ImageLoadError as err:
+        return _fail(*[f"{name}: {problem}" for name, problem in err.problems])
+    from .protect import output_names
+
+    names = output_names(images)
+    targets = [args.out / f"{n}.png" for n in names]
+    inputs = {im.path.resolve() for im in images if im.path}
+    clash = [t for t in targets if t.resolve() in inputs]
+    if clash:
+        return _fail(*[f"{t}: would overwrite an input image: choose another --out folder" for t in clash])
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        return _fail(*[f"{t}: already exists (use --overwrite to replace it)" for t in existing])
+    for im in images:
+        for note in im.notes:
+            print(f"note: {im.name}: {note}", file=sys.stderr)
+
+    # 2. The model.
+    from .backbone import BackboneError, load_backbone
+
+    try:
+        backbone = load_backbone(args.model, device=args.device, dtype=args.dtype)
+    except BackboneError as err:
+        return _fail(str(err))
+    if backbone.notice:
+        print(f"note: {backbone.notice}", file=sys.stderr)
+    params = method.make_params(backbone.kind, **overrides)
+
+    # 3. Batch by batch; each batch is written as soon as it is done.
+    from tqdm.auto import tqdm
+
+    from .methods import Cancelled
+    from .protect import protect
+
+    total_steps = max(1, getattr(params, "iterations", 1)) * ((len(images) + args.batch_size - 1) // args.batch_size)
+    bar = tqdm(total=total_steps, disable=args.quiet, unit="step", desc=f"{args.method} on {backbone.spec}")
+    rows = []
+    try:
+        for start in range(0, len(images), args.batch_size):
+            batch = images[start : start + args.batch_size]
+
+            done_before = bar.n
+            result = protect(batch, backbone, method=args.method, params=params,
+                             callback=lambda info: _advance(bar, done_before, info))
+            paths = result.save(args.out, names=names[start : start + len(batch)], manifest_dir=args.manifest_dir)
+            rows += [(p, s) for p, s in zip(paths, result.stats["images"])]
+    except Cancelled:
+        print("cancelled: outputs already written are kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        bar.close()
+    print(f"{'output':<40} {'PSNR':>7} {'SSIM':>6} {'RMS/255':>8} {'Linf/255':>8}  attacker loss clean -> protected")
+    for path, s in rows:
+        print(f"{str(path):<40} {s['psnr']:7.2f} {s['ssim']:6.4f} {s['rms_255']:8.2f} {s['linf_255']:8.2f}  "
+              f"{s['attacker_loss_clean']:.5f} -> {s['attacker_loss_protected']:.5f}")
+    return 0
+
+
+def _advance(bar, offset: int, info: dict) -> bool:
+    """Progress callback: move the bar to this batch's step; never cancels (Ctrl-C does)."""
+    if info.get("stage") not in ("start", "done"):
+        bar.update(offset + info["step"] - bar.n)
+        if "attacker_loss" in info:
+            bar.set_postfix(attacker_loss=f"{info['attacker_loss']:.4f}")
+    return True
+
+
+def _fail(*lines: str) -> int:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_BAD_INPUT
