@@ -1,0 +1,34 @@
+"""Shared fixtures. Everything runs offline on the built-in `tiny` backbone (random weights)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on network retries in tests
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from ldu import load_backbone
+
+    return load_backbone("tiny", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Three public example photos (scikit-image: astronaut (NASA, PD), chelsea and coffee (CC0))."""
+    from skimage import data
+
+    return [Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
+
+
+def rgb(h, w, seed=0, mode="RGB"):
+    """A smooth random test image (noise photos are unrealistic for a VAE, smooth ones are not)."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((max(2, h // 8), max(2, w // 8), 3))
+    img = Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    return img.convert(mode)

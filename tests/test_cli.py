@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import png
+import pytest
+from PIL import Image
+
+from conftest import rgb
+from ldu.cli import main
+
+FAST = ["--model", "tiny", "--iterations", "2", "--set", "ddim_steps=1", "--quiet"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def make_inputs(folder):
+    folder.mkdir()
+    rgb(40, 60, seed=1).save(folder / "colour.png")
+    rgb(50, 50, seed=2, mode="L").save(folder / "grey.png")
+    rgb(33, 47, seed=3, mode="RGBA").save(folder / "alpha.png")
+    a = np.asarray(rgb(30, 30, seed=4)).astype(np.uint16) * 257
+    with open(folder / "deep.png", "wb") as f:
+        png.Writer(30, 30, greyscale=False, bitdepth=16).write(f, a.reshape(30, -1).tolist())
+    img = rgb(20, 70, seed=5)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated: a 70x20 file shown as 20x70
+    img.save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    return {"colour": ("RGB", (60, 40)), "grey": ("L", (50, 50)), "alpha": ("RGBA", (47, 33)), "deep": ("RGB16", (30, 30)),
+            "rotated": ("RGB", (20, 70))}
+
+
+def test_round_trip_writes_lossless_pngs_with_size_mode_and_manifest(tmp_path, capsys):
+    expected = make_inputs(tmp_path / "in")
+    code, out, err = run(["protect", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--budget-rms", "4/255", *FAST], capsys)
+    assert code == 0, err
+    for name, (mode, size) in expected.items():
+        path = tmp_path / "out" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if mode == "RGB16":
+            w, h, _, info = png.Reader(filename=str(path)).read()
+            assert (w, h, info["bitdepth"], info["planes"]) == (*size, 16, 3)
+        else:
+            img = Image.open(path)
+            assert (img.mode, img.size) == (mode, size)
+        manifest = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert manifest["method"] == "ldu" and manifest["params"]["budget_rms"] == pytest.approx(4 / 255)
+        assert manifest["stats"]["rms"] <= 4 / 255
+    assert "PSNR" in out
+
+
+@pytest.mark.parametrize(
+    "maker,phrase",
+    [
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_text("not an image"), "not an image"),
+        (lambda p: Image.new("RGB", (1, 1)).save(p, format="PNG"), "too small"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_and_nothing_is_written(tmp_path, capsys, maker, phrase):
+    (tmp_path / "in").mkdir()
+    rgb(40, 40).save(tmp_path / "in" / "good.png")
+    maker(tmp_path / "in" / "bad.png")
+    code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "bad.png" in lines[0] and phrase in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert code == 2 and "no images in this folder" in err
+
+
+def test_existing_outputs_are_never_lost(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    rgb(40, 40).save(tmp_path / "in" / "a.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"earlier result")
+    code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "out" / "a.png").read_bytes() == b"earlier result"
+    code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(tmp_path / "in"), *FAST, "--overwrite"], capsys)
+    assert code == 2 and "would overwrite an input" in err
+
+
+def test_bad_parameters_fail_before_any_work(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    rgb(40, 40).save(tmp_path / "in" / "a.png")
+    for extra, phrase in ((["--set", "nope=1"], "no such parameter"), (["--method", "zzz"], "unknown method"),
+                          (["--set", "strength=2"], "strength must be"), (["--budget-rms", "2"], "budget_rms must be")):
+        code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *FAST, *extra], capsys)
+        assert code == 2 and phrase in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_parameters_defaults_and_binding_budget(capsys):
+    code, out, _ = run(["methods", "--kind", "tiny"], capsys)
+    assert code == 0 and "ldu:" in out and "binding budget" in out and "8/255" in out and "iterations" in out
+    code, out, _ = run(["methods", "--json"], capsys)
+    ldu = next(m for m in json.loads(out) if m["name"] == "ldu")
+    assert {p["name"] for p in ldu["params"]} >= {"budget_rms", "linf", "iterations", "ddim_steps", "strength", "rounds", "mode", "prompt", "seed"}
+
+
+def test_python_dash_m_ldu_entry_point(tmp_path):
+    rgb(40, 40).save(tmp_path / "a.png")
+    proc = subprocess.run([sys.executable, "-m", "ldu", "protect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "a.png").exists() and (tmp_path / "o" / "a.json").exists()
