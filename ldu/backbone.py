@@ -115,6 +115,10 @@ class Backbone:
             self.calls[k] = 0
 
     # ---- text --------------------------------------------------------------------------------
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt embeddings: call after changing the tokenizer or text encoder (TI, text LoRA)."""
+        self._prompt_cache.clear()
+
     @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
         """CLIP hidden states [B, 77, D] in the model dtype (cached per prompt: prompts repeat a lot)."""

@@ -48,24 +48,30 @@ def make_draws(m: int, batch: int, latent_shape: tuple[int, int, int], num_train
 
 
 def diffusion_loss(backbone, latents: torch.Tensor, cond: torch.Tensor, draws: Draws, reduction: str = "mean",
-                   checkpoint: bool = False) -> torch.Tensor:
+                   checkpoint: bool = False, max_batch: int | None = None) -> torch.Tensor:
     """E over the draws of || unet(sqrt(a_t) z0 + sqrt(1-a_t) eps, t, c) - target ||^2, in fp32.
 
     latents: scaled latents z0 [B,C,h,w]; cond: prompt embeddings [1 or B, 77, D]. The target is eps or
     v by the backbone's prediction_type. reduction "mean" gives a scalar, "none" one value per image [B].
-    All m draws go through the UNet as one batch of m x B.
+    The m draws go through the UNet as one batch of m x B, or in UNet calls of at most `max_batch` samples
+    (whole draws at a time) when that is given: evaluation of many draws need not fit in memory at once.
     """
     m, b = draws.t.shape
     if b != latents.shape[0]:
         raise ValueError(f"draws are for {b} images, latents for {latents.shape[0]}")
     draws = draws.to(latents.device)
-    z0 = latents.unsqueeze(0).expand(m, *latents.shape).reshape(m * b, *latents.shape[1:])
-    t = draws.t.reshape(m * b)
-    eps = draws.eps.reshape(m * b, *latents.shape[1:])
     cond = cond.expand(b, -1, -1) if cond.shape[0] == 1 else cond
-    cond = cond.unsqueeze(0).expand(m, *cond.shape).reshape(m * b, *cond.shape[1:])
-    out = backbone.predict(backbone.add_noise(z0, t, eps), t, cond, checkpoint=checkpoint)
-    err = (out - backbone.target(z0, t, eps)).pow(2).mean(dim=(1, 2, 3)).view(m, b)
+    per_call = m if max_batch is None else max(1, max_batch // b)
+    errs = []
+    for i in range(0, m, per_call):
+        n = min(per_call, m - i)
+        z0 = latents.unsqueeze(0).expand(n, *latents.shape).reshape(n * b, *latents.shape[1:])
+        t = draws.t[i : i + n].reshape(n * b)
+        eps = draws.eps[i : i + n].reshape(n * b, *latents.shape[1:])
+        c = cond.unsqueeze(0).expand(n, *cond.shape).reshape(n * b, *cond.shape[1:])
+        out = backbone.predict(backbone.add_noise(z0, t, eps), t, c, checkpoint=checkpoint)
+        errs.append((out - backbone.target(z0, t, eps)).pow(2).mean(dim=(1, 2, 3)).view(n, b))
+    err = torch.cat(errs)
     if reduction == "none":
         return err.mean(0)
     if reduction == "mean":
@@ -74,6 +80,6 @@ def diffusion_loss(backbone, latents: torch.Tensor, cond: torch.Tensor, draws: D
 
 
 def attacker_loss(backbone, x: torch.Tensor, cond: torch.Tensor, draws: Draws, reduction: str = "mean",
-                  checkpoint: bool = False) -> torch.Tensor:
+                  checkpoint: bool = False, max_batch: int | None = None) -> torch.Tensor:
     """diffusion_loss of the backbone on s * E(x).mean, x in [0,1] [B,3,H,W], with the attack prompt `cond`."""
-    return diffusion_loss(backbone, backbone.encode(x), cond, draws, reduction=reduction, checkpoint=checkpoint)
+    return diffusion_loss(backbone, backbone.encode(x), cond, draws, reduction, checkpoint, max_batch)

@@ -28,6 +28,7 @@ from .version import code_version, library_versions
 MAX_BATCH = 8  # one subject's photos are protected together; the CLI splits larger sets
 EVAL_DRAWS = 16  # held-out draws for the reported attacker loss (the method optimises on its own m draws)
 EVAL_SEED_OFFSET = 1_000_003
+EVAL_MAX_BATCH = 16  # UNet samples per call when measuring: 8 images x 16 draws need not fit at once
 
 
 @dataclass
@@ -145,11 +146,14 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         x_final = torch.stack([_resize(o[None].to(dev), (size, size))[0] for o in out_images]).clamp(0, 1)
         eval_draws = make_draws(EVAL_DRAWS, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps,
                                 seed + EVAL_SEED_OFFSET).to(dev)
+        def loss_of(images, d):
+            return attacker_loss(backbone, images, c_attack, d, reduction="none", max_batch=EVAL_MAX_BATCH).tolist()
+
         loss = {
-            "attacker_loss_clean": attacker_loss(backbone, x, c_attack, eval_draws, reduction="none").tolist(),
-            "attacker_loss_protected": attacker_loss(backbone, x_final, c_attack, eval_draws, reduction="none").tolist(),
-            "attacker_loss_clean_opt_draws": attacker_loss(backbone, x, c_attack, draws, reduction="none").tolist(),
-            "attacker_loss_protected_opt_draws": attacker_loss(backbone, x_final, c_attack, draws, reduction="none").tolist(),
+            "attacker_loss_clean": loss_of(x, eval_draws),
+            "attacker_loss_protected": loss_of(x_final, eval_draws),
+            "attacker_loss_clean_opt_draws": loss_of(x, draws),
+            "attacker_loss_protected_opt_draws": loss_of(x_final, draws),
         }
     for i, stats in enumerate(per_image):
         for k, v in loss.items():
