@@ -56,9 +56,27 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
                 merges.append((left, right))
                 vocab[merged] = len(vocab)
             left = merged
+    # A word's own chain can lose to an earlier merge inside it ("on" inside "person"): join what BPE leaves.
+    for word in words:
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = _bpe(pieces, merges)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return vocab, merges
+
+
+def _bpe(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly apply the lowest-ranked merge present."""
+    rank = {m: i for i, m in enumerate(merges)}
+    while len(symbols) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
 
 
 def build_tiny(out: Path, seed: int = 0) -> None:
