@@ -70,9 +70,29 @@ def test_unet_calls_are_counted(tiny):
     p = get_method("ldu").make_params("tiny", iterations=6, rounds=2, ddim_steps=3, draws=2)
     s = protect([rgb(64, 64)], tiny, params=p).stats["batch"]
     k = p.ddim_steps
-    # clean loss once; per round: inversion k + base denoising k; per iteration: denoising k + loss 1
-    assert s["unet_calls"] == 1 + p.rounds * 2 * k + p.iterations * (k + 1)
-    assert s["unet_samples"] == 1 * p.draws + p.rounds * 2 * k + p.iterations * (k + p.draws)
+    # clean loss once; per round: inversion k + base denoising k, and (steps + 1) evaluations of denoising k + loss 1
+    evaluations = p.iterations + p.rounds
+    assert s["unet_calls"] == 1 + p.rounds * 2 * k + evaluations * (k + 1)
+    assert s["unet_samples"] == 1 * p.draws + p.rounds * 2 * k + evaluations * (k + p.draws)
+
+
+@pytest.mark.parametrize("iterations,rounds", [(1, 1), (2, 2), (3, 2)])
+def test_every_step_is_scored_even_with_one_step_per_round(tiny, iterations, rounds):
+    r = protect([rgb(64, 64)], tiny, params={**FAST, "iterations": iterations, "rounds": rounds, "lr": 0.5})
+    assert r.stats["images"][0]["rms"] > 0
+    assert len(r.stats["batch"]["method"]["curve"]) == iterations
+
+
+def test_decode_mode_holds_its_constraint_across_rounds(tiny):
+    budget = 8 / 255
+    psnr = {}
+    for rounds in (1, 2):
+        s = protect([rgb(64, 64)], tiny, params={**FAST, "mode": "decode", "iterations": 8, "rounds": rounds,
+                                                 "budget_rms": budget}).stats["images"][0]
+        psnr[rounds] = s["psnr_vs_base_working_size"]
+    budget_db = 20 * np.log10(1 / budget)
+    # a soft (Lagrangian) constraint: near the budget, and a second round must not add another VAE round trip
+    assert psnr[2] > budget_db - 3 and psnr[2] > psnr[1] - 3, psnr
 
 
 def test_decode_mode_reports_psnr_against_the_reconstruction(tiny):

@@ -14,6 +14,8 @@ Two output forms:
 - decode: the paper's output form, the VAE decode itself. A VAE round trip alone costs 25-29 dB on real
   photos, so the budget is a constraint against the zero-shift reconstruction `base`, enforced by a capped
   Lagrange multiplier with dual ascent; protect() does not project it (PSNR is reported against x and base).
+  Rounds restart the optimiser from the previous shift instead of re-inverting (which would add a VAE round
+  trip per round).
 
 Where we depart from the paper: its amortised generator is replaced by per-image optimisation (its released
 code does not run); the shift is applied at t* after a DDIM inversion rather than to the initial noise.
@@ -35,7 +37,7 @@ from . import Method, check, check_budget, param, report
 @dataclass
 class LDUParams:
     budget_rms: float | None = param(8 / 255, "per-image RMS of the final residual, [0,1] pixels (the binding budget)")
-    linf: float | None = param(16 / 255, "cap on every pixel of the residual, [0,1] pixels")
+    linf: float | None = param(16 / 255, "cap on every pixel of the residual, [0,1] pixels (residual mode only)")
     strength: float = param(0.5, "t* = strength x T: how far along the trajectory the shift is applied")
     ddim_steps: int = param(4, "k: DDIM steps of the inversion and of the differentiable denoising")
     iterations: int = param(50, "K: Adam steps on the latent shift, split over the rounds")
@@ -79,43 +81,56 @@ def trajectory_shift(backbone, x: torch.Tensor, params: LDUParams, draws, callba
     best, best_loss = x.clone(), clean_loss.clone()  # residual mode keeps, per image, the best candidate seen
     per_round = [params.iterations // params.rounds + (r < params.iterations % params.rounds) for r in range(params.rounds)]
     x_cur, base0, curve, grad_norm_first, step = x.clone(), None, [], None, 0
+    lam, delta = torch.ones(b, device=x.device), None
     for rnd, n_it in enumerate(per_round):
         if n_it == 0:
             continue
-        with torch.no_grad():
-            z_t = ddim_invert(model, backbone.encode(x_cur), **sched)
-            base = backbone.decode(ddim_denoise(model, z_t, **sched))
-        base0 = base if base0 is None else base0
+        # Residual mode re-inverts the current protected image each round. Decode mode inverts x once and
+        # carries the shift over (re-inverting a decode would add one more VAE round trip per round), and
+        # measures its constraint against that one zero-shift reconstruction.
+        if residual or base0 is None:
+            with torch.no_grad():
+                z_t = ddim_invert(model, backbone.encode(x_cur), **sched)
+                base = backbone.decode(ddim_denoise(model, z_t, **sched))
+            base0 = base if base0 is None else base0
         offset = x_cur - x  # the residual earlier rounds already spent
-        delta = torch.zeros_like(z_t, requires_grad=True)
+        start = torch.zeros_like(z_t) if residual or delta is None else delta.detach()
+        delta = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=params.lr)
-        lam = torch.ones(b, device=x.device)
-        for _ in range(n_it):
-            x_bar = backbone.decode(ddim_denoise(model, z_t + delta, **sched))
-            if residual:
-                x_p = (x + project(offset + (x_bar - base), params.budget_rms, params.linf)).clamp(0, 1)
-            else:
-                x_p = x_bar.clamp(0, 1)
-            loss_adv = attacker_loss(backbone, x_p, c_attack, draws, reduction="none", checkpoint=params.checkpoint)
+        # n_it Adam steps, each candidate scored after its step: evaluation 0 (the zero shift, = x_cur) only
+        # gives the first gradient, and a last gradient-free evaluation scores the final step.
+        for it in range(n_it + 1):
+            last = it == n_it
+            with torch.set_grad_enabled(not last):
+                x_bar = backbone.decode(ddim_denoise(model, z_t + delta, **sched))
+                if residual:
+                    x_p = (x + project(offset + (x_bar - base), params.budget_rms, params.linf)).clamp(0, 1)
+                else:
+                    x_p = x_bar.clamp(0, 1)
+                loss_adv = attacker_loss(backbone, x_p, c_attack, draws, reduction="none", checkpoint=params.checkpoint)
+                if not residual:  # relative violation of mse(x_p, base0) <= b^2
+                    g = (x_p - base0).pow(2).flatten(1).mean(1) / params.budget_rms**2 - 1
+            if it > 0:
+                with torch.no_grad():
+                    if residual:
+                        better = loss_adv > best_loss
+                        best[better], best_loss[better] = x_p[better], loss_adv[better]
+                step += 1
+                curve.append(float(loss_adv.detach().mean()))
+                report(callback, {"stage": "ldu", "step": step, "total": params.iterations, "round": rnd + 1,
+                                  "attacker_loss": curve[-1]})
+            if last:
+                break
             loss = -loss_adv.sum()  # a sum, so each image's gradient does not depend on the batch size
-            if not residual:  # relative violation of mse(x_p, base) <= b^2
-                g = (x_p - base).pow(2).flatten(1).mean(1) / params.budget_rms**2 - 1
+            if not residual:
                 loss = loss + (lam * torch.relu(g)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_norm_first is None:
                 grad_norm_first = float(delta.grad.norm())
             opt.step()
-            with torch.no_grad():
-                if residual:
-                    better = loss_adv > best_loss
-                    best[better], best_loss[better] = x_p[better], loss_adv[better]
-                else:
-                    lam = (lam + params.dual_lr * g).clamp(0, params.lambda_max)
-            step += 1
-            curve.append(float(loss_adv.detach().mean()))
-            report(callback, {"stage": "ldu", "step": step, "total": params.iterations, "round": rnd + 1,
-                              "attacker_loss": curve[-1]})
+            if not residual:
+                lam = (lam + params.dual_lr * g.detach()).clamp(0, params.lambda_max)
         x_cur = best.clone() if residual else x_p.detach()
     stats = {
         "timesteps": timesteps,
