@@ -79,13 +79,14 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[str
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            entries = sorted(e for e in p.iterdir() if e.is_file() and not e.name.startswith("."))
-            found = [e for e in entries if e.suffix.lower() in IMAGE_SUFFIXES]
-            skipped = [e.name for e in entries if e not in found]
+            entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+            found = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES]
+            skipped = [e.name + ("/" if e.is_dir() else "") for e in entries if e not in found]
             if not found:
                 problems.append((str(p), f"no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})"))
             if skipped:
-                notes.append(f"{p}: skipped {len(skipped)} non-image file(s): {', '.join(skipped[:5])}" + (" ..." if len(skipped) > 5 else ""))
+                notes.append(f"{p}: skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'} (subfolders are not searched): "
+                             + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
             files += found
         elif p.exists():
             files.append(p)
@@ -160,7 +161,12 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             img.load()
         except Exception as err:
             fail(f"truncated or corrupt image data ({err}): re-export or re-download it")
-    loaded = _from_pil(img, name, notes, data)
+    try:
+        loaded = _from_pil(img, name, notes, data)
+    except ImageLoadError:
+        raise
+    except Exception as err:  # a broken chunk, profile or pixel payload found while decoding
+        fail(f"corrupt image data ({type(err).__name__}: {str(err).strip()[:120]}): re-export or re-download it")
     loaded.path = path
     loaded.sha256 = hashlib.sha256(data).hexdigest()
     return loaded
@@ -197,18 +203,25 @@ def _from_pil(img: Image.Image, name: str, notes: list[str], data: bytes | None)
         raise ImageLoadError([(name, "floating-point image (mode F) is not supported: save it as 8- or 16-bit")])
     else:
         if mode == "CMYK":
-            if icc:
-                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            try:
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else None
+            except (OSError, ImageCms.PyCMSError):
+                src = None
+                notes.append("its ICC profile is unreadable")
+            if src is not None:
                 img = ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
                 notes.append("CMYK converted to sRGB with its ICC profile (PNG cannot store CMYK)")
-                icc = None
             else:
                 img = img.convert("RGB")
                 notes.append("CMYK converted to RGB without a profile (PNG cannot store CMYK)")
+            icc = None
         elif mode in ("P", "PA"):
             has_alpha = mode == "PA" or "transparency" in img.info
             img = img.convert("RGBA" if has_alpha else "RGB")
             notes.append("palette image: written as full-colour PNG (a perturbation needs more colours than a palette)")
+        elif mode in ("L", "RGB") and "transparency" in img.info:
+            img = img.convert(mode + "A")
+            notes.append("colour-key transparency (tRNS) kept as an alpha channel")
         elif mode == "1":
             img = img.convert("L")
             notes.append("1-bit image: written as 8-bit greyscale")
@@ -221,7 +234,7 @@ def _from_pil(img: Image.Image, name: str, notes: list[str], data: bytes | None)
             arr = arr[..., 0] if img.mode == "LA" else arr
     gray = arr.ndim == 2
     arr, alpha = _orient(arr, orientation), (None if alpha is None else _orient(alpha, orientation))
-    if orientation != 1:
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
         notes.append(f"EXIF orientation {orientation} applied")
     exif_out = None
     if len(exif):

@@ -204,3 +204,27 @@ def test_save_is_atomic_no_temp_files_left(tmp_path):
     loaded = load_images([rgb(32, 32)])[0]
     save_png(loaded.pixels, loaded, tmp_path / "x.png", {"a": torch.tensor([1.0])})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.png"]
+
+
+def test_cmyk_with_a_corrupt_icc_profile_loads_with_a_note(tmp_path):
+    rgb(32, 32).convert("CMYK").save(tmp_path / "c.jpg", quality=95, icc_profile=b"not a real profile")
+    loaded = load_image(tmp_path / "c.jpg")
+    assert any("ICC profile is unreadable" in n for n in loaded.notes)
+
+
+def test_16_bit_png_cut_before_its_end_is_a_clear_error(tmp_path):
+    a = (np.random.default_rng(0).random((20, 24, 3)) * 65535).astype(np.uint16)
+    buf = io.BytesIO()
+    png.Writer(24, 20, greyscale=False, bitdepth=16).write(buf, a.reshape(20, -1).tolist())
+    (tmp_path / "d.png").write_bytes(buf.getvalue()[:-12])  # no IEND chunk
+    assert "corrupt" in problem_of(tmp_path / "d.png") or "truncated" in problem_of(tmp_path / "d.png")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_colour_key_transparency_becomes_alpha(tmp_path, mode):
+    img = rgb(32, 32, mode=mode)
+    key = (0, 0, 0) if mode == "RGB" else 0
+    img.save(tmp_path / "k.png", transparency=key)
+    loaded, out = roundtrip(tmp_path / "k.png", tmp_path)
+    assert Image.open(out).mode == mode + "A"
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "k.png").convert(mode + "A")))
