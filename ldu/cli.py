@@ -75,26 +75,34 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_methods(args) -> int:
     from .methods import methods
 
-    described = [m.describe(args.kind) for m in methods.values()]
-    if args.json:
-        print(json.dumps(described, indent=2, default=str))
-        return 0
-    for d in described:
-        print(f"{d['name']}: {d['summary']}\n  binding budget: {d['binds']}\n  parameters (defaults for {args.kind}):")
-        for p in d["params"]:
-            print(f"    {p['name']:<12} = {_fmt(p['default']):<24} {p['help']}")
-        print()
+    print_entries(methods.values(), args.kind, args.json)
     return 0
 
 
-def _fmt(v) -> str:
+def print_entries(entries, kind: str, as_json: bool = False) -> None:
+    """List registry entries with their parameters and defaults for a backbone kind (text or JSON)."""
+    described = [e.describe(kind) for e in entries]
+    if as_json:
+        print(json.dumps(described, indent=2, default=str))
+        return
+    for d in described:
+        print(f"{d['name']}: {d['summary']}")
+        if "binds" in d:
+            print(f"  binding budget: {d['binds']}")
+        print(f"  parameters (defaults for {kind}):")
+        for p in d["params"]:
+            print(f"    {p['name']:<22} = {fmt_value(p['default']):<24} {p['help']}")
+        print()
+
+
+def fmt_value(v) -> str:
     if isinstance(v, float):
         frac = Fraction(v).limit_denominator(255)
         return f"{v:.6g}" + (f" ({frac})" if frac.denominator == 255 and abs(float(frac) - v) < 1e-12 else "")
     return repr(v) if isinstance(v, str) else str(v)
 
 
-def _kind_of(spec: str | None) -> str:
+def kind_of(spec: str | None) -> str:
     from .backbone import BUILTIN, resolve_spec
 
     resolved = resolve_spec(spec)[0]
@@ -102,10 +110,15 @@ def _kind_of(spec: str | None) -> str:
 
 
 def _overrides(args, params_cls) -> dict:
-    """Method parameters from the flags and --set NAME=VALUE, converted by the dataclass field types."""
-    out = {name: getattr(args, name) for name in SHORTCUTS if hasattr(args, name)}
+    """Method parameters from the shortcut flags and --set NAME=VALUE."""
+    return {**{name: getattr(args, name) for name in SHORTCUTS if hasattr(args, name)}, **parse_sets(args.set, params_cls)}
+
+
+def parse_sets(items: list[str], params_cls) -> dict:
+    """--set NAME=VALUE items -> overrides, converted by the params dataclass's field types; unknown names refused."""
+    out = {}
     hints = typing.get_type_hints(params_cls)
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected NAME=VALUE")
         name, value = item.split("=", 1)
@@ -144,26 +157,36 @@ def cmd_protect(args) -> int:
     try:
         method = get_method(args.method)
         overrides = _overrides(args, method.params)
-        method.make_params(_kind_of(args.model), **overrides)
+        method.make_params(kind_of(args.model), **overrides)
         if not 1 <= args.batch_size <= 8:
             raise ValueError(f"--batch-size must be 1 to 8, got {args.batch_size}")
     except ValueError as err:
-        return _fail(str(err))
+        return fail(str(err))
     try:
         images = load_images(list(args.inputs), max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     except ImageLoadError as err:
-        return _fail(*[f"{name}: {problem}" for name, problem in err.problems])
+        return fail(*[f"{name}: {problem}" for name, problem in err.problems])
     from .protect import output_names
 
     names = output_names(images)
+    for folder in (args.out, args.manifest_dir):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            return fail(f"{folder}: is a file, not a folder: choose another output folder")
     targets = [args.out / f"{n}.png" for n in names]
+    manifests = [(args.manifest_dir or args.out) / f"{n}.json" for n in names]
     inputs = {im.path.resolve() for im in images if im.path}
-    clash = [t for t in targets if t.resolve() in inputs]
+    clash = [t for t in targets + manifests if t.resolve() in inputs]
     if clash:
-        return _fail(*[f"{t}: would overwrite an input image: choose another --out folder" for t in clash])
-    existing = [t for t in targets if t.exists()]
+        return fail(*[f"{t}: would overwrite an input image: choose another --out folder" for t in clash])
+    existing = [t for t in targets + manifests if t.exists()]
     if existing and not args.overwrite:
-        return _fail(*[f"{t}: already exists (use --overwrite to replace it)" for t in existing])
+        return fail(*[f"{t}: already exists (use --overwrite to replace it)" for t in existing])
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.manifest_dir:
+            args.manifest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return fail(f"{err.filename}: cannot create the output folder ({err.strerror})")
     for im in images:
         for note in im.notes:
             print(f"note: {im.name}: {note}", file=sys.stderr)
@@ -172,9 +195,10 @@ def cmd_protect(args) -> int:
     from .backbone import BackboneError, load_backbone
 
     try:
-        backbone = load_backbone(args.model, device=args.device, dtype=args.dtype)
-    except BackboneError as err:
-        return _fail(str(err))
+        device = check_device(args.device)
+        backbone = load_backbone(args.model, device=device, dtype=args.dtype)
+    except (BackboneError, ValueError) as err:
+        return fail(str(err))
     if backbone.notice:
         print(f"note: {backbone.notice}", file=sys.stderr)
     params = method.make_params(backbone.kind, **overrides)
@@ -200,6 +224,10 @@ def cmd_protect(args) -> int:
     except Cancelled:
         print("cancelled: outputs already written are kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (RuntimeError, OSError) as err:  # out of memory, disk full, ...: one line, earlier batches stay written
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        bar.close()
+        return fail(f"{type(err).__name__} while protecting: {first[:300]} (outputs already written are kept)")
     finally:
         bar.close()
     print(f"{'output':<40} {'PSNR':>7} {'SSIM':>6} {'RMS/255':>8} {'Linf/255':>8}  attacker loss clean -> protected")
@@ -207,6 +235,26 @@ def cmd_protect(args) -> int:
         print(f"{str(path):<40} {s['psnr']:7.2f} {s['ssim']:6.4f} {s['rms_255']:8.2f} {s['linf_255']:8.2f}  "
               f"{s['attacker_loss_clean']:.5f} -> {s['attacker_loss_protected']:.5f}")
     return 0
+
+
+def check_device(name: str | None):
+    """Check a --device value before any work: a bad name or a missing GPU is one clear line."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
 
 
 def _advance(bar, offset: int, info: dict) -> bool:
@@ -218,7 +266,7 @@ def _advance(bar, offset: int, info: dict) -> bool:
     return True
 
 
-def _fail(*lines: str) -> int:
+def fail(*lines: str) -> int:
     for line in lines:
         print(f"error: {line}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -10,13 +10,13 @@ from PIL import Image
 from conftest import rgb
 from ldu.cli import main
 
-FAST = ["--model", "tiny", "--iterations", "2", "--set", "ddim_steps=1", "--quiet"]
+FAST = ["--model", "tiny", "--iterations", "4", "--set", "ddim_steps=1", "--quiet"]
 
 
 def run(argv, capsys):
+    """In process: an uncaught exception fails the test by itself; the subprocess tests check for tracebacks."""
     code = main(argv)
     out, err = capsys.readouterr()
-    assert "Traceback" not in err
     return code, out, err
 
 
@@ -51,7 +51,7 @@ def test_round_trip_writes_lossless_pngs_with_size_mode_and_manifest(tmp_path, c
             assert (img.mode, img.size) == (mode, size)
         manifest = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         assert manifest["method"] == "ldu" and manifest["params"]["budget_rms"] == pytest.approx(4 / 255)
-        assert manifest["stats"]["rms"] <= 4 / 255
+        assert 0 < manifest["stats"]["rms"] <= 4 / 255, name  # protected for real, within budget
     assert "PSNR" in out
 
 
@@ -108,6 +108,37 @@ def test_methods_lists_parameters_defaults_and_binding_budget(capsys):
     code, out, _ = run(["methods", "--json"], capsys)
     ldu = next(m for m in json.loads(out) if m["name"] == "ldu")
     assert {p["name"] for p in ldu["params"]} >= {"budget_rms", "linf", "iterations", "ddim_steps", "strength", "rounds", "mode", "prompt", "seed"}
+
+
+def test_existing_manifest_of_the_user_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    rgb(40, 40).save(tmp_path / "in" / "a.jpg")
+    (tmp_path / "in" / "a.json").write_text("the user's own notes")
+    code, _, err = run(["protect", str(tmp_path / "in" / "a.jpg"), "--out", str(tmp_path / "in"), *FAST], capsys)
+    assert code == 2 and "a.json: already exists" in err
+    assert (tmp_path / "in" / "a.json").read_text() == "the user's own notes"
+
+
+@pytest.mark.parametrize("extra,phrase", [(["--device", "bogus"], "not a device"), (["--device", "cuda:7"], "cuda")])
+def test_bad_device_is_one_line(tmp_path, capsys, extra, phrase):
+    rgb(40, 40).save(tmp_path / "a.png")
+    code, _, err = run(["protect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *FAST, *extra], capsys)
+    assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    rgb(40, 40).save(tmp_path / "a.png")
+    (tmp_path / "o").write_text("x")
+    code, _, err = run(["protect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *FAST], capsys)
+    assert code == 2 and "is a file" in err
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "ldu", "protect", str(tmp_path / "bad.png"), "--out", str(tmp_path / "o"), *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'bad.png'}: empty file (0 bytes)"
 
 
 def test_python_dash_m_ldu_entry_point(tmp_path):
