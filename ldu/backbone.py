@@ -92,7 +92,7 @@ class Backbone:
         self.resolution: int = int(self.unet.config.sample_size) * self.vae_scale_factor
         # Working sizes must survive every VAE and UNet down-sampling (DESIGN.md, "Resolution").
         self.size_multiple: int = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[tuple, torch.Tensor] = {}
 
     # ---- description -------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -116,22 +116,31 @@ class Backbone:
 
     # ---- text --------------------------------------------------------------------------------
     def clear_prompt_cache(self) -> None:
-        """Forget cached prompt embeddings: call after changing the tokenizer or text encoder (TI, text LoRA)."""
+        """Forget cached prompt embeddings: call after changing the text encoder's weights in place (text LoRA)."""
         self._prompt_cache.clear()
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
-        """CLIP hidden states [B, 77, D] in the model dtype (cached per prompt: prompts repeat a lot)."""
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids.to(self.device)
+
+    def encode_prompt(self, prompts: str | list[str], grad: bool = False) -> torch.Tensor:
+        """CLIP hidden states [B, 77, D] in the text encoder's dtype.
+
+        Without grad they are cached per prompt (prompts repeat a lot); with grad (training the text encoder
+        or an embedding) they are computed afresh.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if grad:
+            return self.text_encoder(self.token_ids(prompts))[0]
+        # Keyed by the modules too: swapping in another text encoder or tokenizer can never return stale embeddings.
+        key = (id(self.text_encoder), id(self.tokenizer))
+        missing = [p for p in dict.fromkeys(prompts) if (key, p) not in self._prompt_cache]
         if missing:
-            ids = self.tokenizer(
-                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]
+            with torch.no_grad():
+                hidden = self.text_encoder(self.token_ids(missing))[0]
             for p, h in zip(missing, hidden):
-                self._prompt_cache[p] = h
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+                self._prompt_cache[(key, p)] = h
+        return torch.stack([self._prompt_cache[(key, p)] for p in prompts])
 
     # ---- VAE ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +174,10 @@ class Backbone:
         self.calls["unet"] += 1
         self.calls["unet_samples"] += b
 
+        dtype = self.unet.dtype  # the backbone's dtype, or fp32 for a copy being fully fine-tuned
+
         def run(z_, c_):
-            return self.unet(z_.to(self.dtype), t, encoder_hidden_states=c_, return_dict=False)[0]
+            return self.unet(z_.to(dtype), t, encoder_hidden_states=c_.to(dtype), return_dict=False)[0]
 
         if checkpoint and torch.is_grad_enabled():
             out = _checkpoint(run, z, cond, use_reentrant=False)
@@ -293,14 +304,19 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str, str]:
 
 
 def _folder_revision(path: Path) -> str:
-    """A content hash of a local model: configs and weights (weights by size only when large)."""
+    """A content hash of a local model: small files whole; large weights by size and four sampled 1 MiB
+    chunks (two fine-tunes of one architecture differ everywhere, and hashing 4 GB at every load is slow)."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        if f.stat().st_size <= 64 * 2**20:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path)}:{size}".encode())
+        if size <= 64 * 2**20:
             h.update(f.read_bytes())
-        else:
-            h.update(str(f.stat().st_size).encode())
+            continue
+        with open(f, "rb") as fh:
+            for offset in (0, size // 3, 2 * size // 3, size - 2**20):
+                fh.seek(offset)
+                h.update(fh.read(2**20))
     return "sha256:" + h.hexdigest()[:16]
 
 

@@ -32,16 +32,19 @@ class Draws:
         return Draws(self.t[:, index], self.eps[:, index])
 
 
-def make_draws(m: int, batch: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int,
-               t_range: tuple[int, int] | None = None) -> Draws:
+def make_draws(m: int, batch: int, latent_shape: tuple[int, int, int], num_train_timesteps: int, seed: int | None = None,
+               t_range: tuple[int, int] | None = None, generator: torch.Generator | None = None) -> Draws:
     """m draws per image of t ~ U[t_range) (default: every training timestep) and eps ~ N(0, I).
 
-    Made on the CPU from `seed` so they are the same on every device.
+    Made on the CPU, from `seed` or from the stream of a CPU `generator` (training: a fresh draw per step),
+    so they are the same on every device.
     """
     if m < 1:
         raise ValueError(f"need at least one draw, got {m}")
+    if (seed is None) == (generator is None):
+        raise ValueError("give exactly one of seed and generator")
     lo, hi = t_range or (0, num_train_timesteps)
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     t = torch.randint(lo, hi, (m, batch), generator=g)
     eps = torch.randn((m, batch, *latent_shape), generator=g)
     return Draws(t, eps)

@@ -1,0 +1,75 @@
+"""The minimal fine-tuning machinery protection and attacks share: peft LoRA on a model, and one training step.
+
+ASPL's surrogate (a protection) and the LoRA-DreamBooth attack both call `add_lora` and `train_step`; the
+attacks package builds data handling, saving and the other attacks around them. The training loss is
+`diffusion_loss` with one fresh (t, eps) draw per sample, exactly what the attacker minimises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import diffusion_loss, make_draws
+
+# diffusers' DreamBooth-LoRA example: the attention projections of the UNet, and of the CLIP text encoder.
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, adapter_name: str, seed: int) -> list[torch.nn.Parameter]:
+    """Add a peft LoRA adapter (Gaussian init, seeded without touching the global RNG); returns its parameters in fp32.
+
+    The base weights stay frozen; LoRA weights train in fp32 even when the model runs in bf16/fp16
+    (as diffusers' training scripts do with cast_training_params).
+    """
+    from peft import LoraConfig
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)),
+                          adapter_name=adapter_name)
+    params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def remove_lora(model: torch.nn.Module, adapter_name: str) -> None:
+    """Delete an adapter added by add_lora, leaving the model as it was.
+
+    Deleting an adapter leaves peft's wrapper layers behind (`...to_q.base_layer.weight`): once no adapter
+    is left they are unwrapped too, so a later copy or save_pretrained of the model has the original keys.
+    """
+    from diffusers.utils import recurse_remove_peft_layers
+
+    if hasattr(model, "delete_adapters"):  # diffusers models
+        model.delete_adapters(adapter_name)
+    else:  # transformers models
+        model.delete_adapter(adapter_name)
+    if not getattr(model, "peft_config", None):
+        recurse_remove_peft_layers(model)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        if hasattr(model, "_hf_peft_config_loaded"):
+            model._hf_peft_config_loaded = False
+
+
+def train_step(backbone, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, latents: torch.Tensor,
+               cond: torch.Tensor, generator: torch.Generator, weights: torch.Tensor | None = None,
+               max_grad_norm: float | None = 1.0) -> float:
+    """One optimiser step on the diffusion loss of `latents` (scaled) under `cond`, with a fresh draw per sample.
+
+    weights [B] (optional): the loss is sum(weights * per-sample loss) instead of the mean (prior preservation:
+    1/n for the n instance samples, prior_loss_weight/n for the n class samples). Returns the loss as a float.
+    """
+    draws = make_draws(1, latents.shape[0], tuple(latents.shape[1:]), backbone.num_train_timesteps, generator=generator)
+    per_sample = diffusion_loss(backbone, latents, cond, draws, reduction="none")
+    loss = per_sample.mean() if weights is None else (per_sample * weights.to(per_sample)).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return float(loss.detach())
