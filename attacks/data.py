@@ -1,0 +1,84 @@
+"""Training data for the attacks, prepared as diffusers' DreamBooth example prepares it.
+
+Each view is resized so its short side is the backbone's resolution (bilinear, antialiased, as
+torchvision's Resize on a PIL image) and center-cropped to a square. The VAE posterior of every view (and of
+its mirror image, when flips are on) is computed once; each training step samples latents from it, as the
+example's `vae.encode(x).latent_dist.sample()` does, with the attack's own seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ldu.protect import as_loaded
+
+
+def instance_views(images, size: int) -> torch.Tensor:
+    """LoadedImage / path / PIL / [3,H,W] tensors -> [N,3,size,size] in [0,1] (short side resized, centre crop)."""
+    loaded = as_loaded(images)
+    if not loaded:
+        raise ValueError("no training images given")
+    return torch.stack([center_square(im.pixels, size) for im in loaded])
+
+
+def center_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top : top + size, left : left + size].clamp(0, 1)
+
+
+@dataclass
+class Posteriors:
+    """Posterior mean and std (unscaled) of E(view) for N views, and of their mirror images when `flip`."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+    flip: bool
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, backbone, views: torch.Tensor, flip: bool = False) -> "Posteriors":
+        x = views.to(backbone.device)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        means, stds = [], []
+        for chunk in x.split(4):
+            mean, logvar = backbone.posterior(chunk)
+            means.append(mean)
+            stds.append((0.5 * logvar.clamp(-30, 20)).exp())  # as diffusers' DiagonalGaussianDistribution
+        return cls(torch.cat(means), torch.cat(stds), backbone.scaling_factor, flip)
+
+    @property
+    def n(self) -> int:
+        return self.mean.shape[0] // (2 if self.flip else 1)
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents sampled for the views `index` (each mirrored with probability 1/2 when flipping)."""
+        if self.flip:
+            index = index + self.n * torch.randint(0, 2, index.shape, generator=generator)
+        mean, std = self.mean[index], self.std[index]
+        noise = torch.randn(mean.shape, generator=generator).to(mean)
+        return (mean + std * noise) * self.scaling_factor
+
+
+class Shuffler:
+    """Batches of indices from a seeded permutation, reshuffled every epoch (a DataLoader with shuffle=True)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator, self.queue = n, generator, []
+
+    def next(self, batch: int) -> torch.Tensor:
+        out = []
+        while len(out) < batch:
+            if not self.queue:
+                self.queue = torch.randperm(self.n, generator=self.generator).tolist()
+            out.append(self.queue.pop(0))
+        return torch.tensor(out)

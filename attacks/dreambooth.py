@@ -1,0 +1,120 @@
+"""Full DreamBooth (Ruiz et al. 2023), as diffusers' train_dreambooth.py: the whole UNet (optionally the text
+encoder) fine-tuned on the instance views, optionally with prior preservation.
+
+A copy of the UNet is trained in fp32 (mixed precision under autocast on a GPU), so the shared backbone is
+untouched; gradient checkpointing is on by default and 8-bit AdamW is used when bitsandbytes and a GPU are
+present (`use_8bit_adam`). Big-GPU only at SD size (about 16 GiB at 512²). Saved as `unet/` (and
+`text_encoder/`) in diffusers layout, in the backbone's dtype.
+
+Defaults follow the example's README run: lr 5e-6, batch 1, 400 steps, constant lr, AdamW weight decay 1e-2,
+gradient clipping 1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from ldu.finetune import train_step
+from ldu.registry import check, param, report
+
+from .data import Posteriors, Shuffler
+from .generate import class_images
+from .train import Attack, AttackOutput, check_common
+
+
+@dataclass
+class DreamBoothParams:
+    steps: int = param(400, "training steps")
+    lr: float = param(5e-6, "AdamW learning rate")
+    batch_size: int = param(1, "instance images per step")
+    token: str = param("sks", "the rare instance word")
+    instance_prompt: str = param("a photo of sks person", "training prompt; must contain the token")
+    train_text_encoder: bool = param(False, "also fine-tune the text encoder")
+    prior_preservation: bool = param(False, "add class images from the base model with the class prompt")
+    class_prompt: str = param("a photo of a person", "prior-preservation prompt")
+    num_class_images: int = param(100, "prior-preservation images")
+    prior_loss_weight: float = param(1.0, "weight of the class loss")
+    class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
+    weight_decay: float = param(1e-2, "AdamW weight decay")
+    max_grad_norm: float = param(1.0, "gradient clipping")
+    gradient_checkpointing: bool = param(True, "recompute UNet activations (memory for time)")
+    use_8bit_adam: bool = param(True, "bitsandbytes AdamW8bit when installed and on a GPU")
+    flip: bool = param(False, "random horizontal flips")
+    seed: int = param(0, "seed of data order, noise and timesteps")
+
+    def __post_init__(self):
+        check_common(self)
+        check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
+
+
+def _optimizer(params, p: DreamBoothParams, device: torch.device):
+    if p.use_8bit_adam and device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+
+
+def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, callback=None) -> AttackOutput:
+    g = torch.Generator().manual_seed(p.seed)
+    inst = Posteriors.of(backbone, views, flip=p.flip)
+    cls = None
+    if p.prior_preservation:
+        cls = Posteriors.of(backbone, class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed,
+                                                   cache_dir=p.class_dir), flip=p.flip)
+    saved = backbone.unet, backbone.text_encoder
+    unet = copy.deepcopy(saved[0]).float().requires_grad_(True)
+    trainable = list(unet.parameters())
+    text = None
+    if p.train_text_encoder:
+        text = copy.deepcopy(saved[1]).float().requires_grad_(True)
+        trainable += list(text.parameters())
+    if p.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    opt = _optimizer(trainable, p, backbone.device)
+    mixed = backbone.device.type == "cuda" and backbone.dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype=backbone.dtype) if mixed else contextlib.nullcontext()
+    backbone.unet = unet
+    if text is not None:
+        backbone.text_encoder = text
+    backbone.clear_prompt_cache()
+    try:
+        inst_order, cls_order = Shuffler(inst.n, g), (Shuffler(cls.n, g) if cls else None)
+        curve = []
+        for step in range(p.steps):
+            b = p.batch_size
+            z = inst.sample(inst_order.next(b), g)
+            prompts, weights = [p.instance_prompt] * b, None
+            if cls is not None:
+                z = torch.cat([z, cls.sample(cls_order.next(b), g)])
+                prompts += [p.class_prompt] * b
+                weights = torch.cat([torch.full((b,), 1 / b), torch.full((b,), p.prior_loss_weight / b)])
+            with autocast:
+                cond = backbone.encode_prompt(prompts, grad=p.train_text_encoder)
+                curve.append(train_step(backbone, trainable, opt, z, cond, g, weights, p.max_grad_norm))
+            report(callback, {"stage": "train", "step": step + 1, "total": p.steps, "loss": curve[-1]})
+        if p.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.to(backbone.dtype).save_pretrained(workdir / "unet", safe_serialization=True)
+        if text is not None:
+            text.to(backbone.dtype).save_pretrained(workdir / "text_encoder", safe_serialization=True)
+        report(callback, {"stage": "saved", "step": p.steps, "total": p.steps})
+    finally:
+        backbone.unet, backbone.text_encoder = saved
+        backbone.clear_prompt_cache()
+    return AttackOutput(kind="dreambooth", token=p.token, prompt=p.instance_prompt, train_curve=curve)
+
+
+ATTACK = Attack(
+    name="dreambooth",
+    params=DreamBoothParams,
+    fn=dreambooth,
+    kind="dreambooth",
+    summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
+    defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4)},
+)

@@ -1,0 +1,176 @@
+"""Attacks on the tiny backbone: files diffusers' loaders read back exactly, seeding, pairing, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from attacks import Adapter, generate, post_attack_loss, train
+from attacks.adapter import LORA_FILE, TI_FILE
+from conftest import rgb
+from ldu import make_draws
+from ldu.backbone import BUILTIN
+
+PROMPT = "a photo of sks person"
+
+
+@pytest.fixture(scope="module")
+def views():
+    return [rgb(80, 64, seed=s) for s in range(4)]
+
+
+def probe(backbone, prompt=PROMPT):
+    z = torch.randn(1, *backbone.latent_shape(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return backbone.predict(z, torch.tensor([300]), backbone.encode_prompt(prompt))
+
+
+def fresh_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(BUILTIN["tiny"], local_files_only=True)
+
+
+def pipe_probe(pipe, prompt=PROMPT):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.unet(z, torch.tensor([300]), encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+
+
+def test_lora_reloads_in_diffusers_exactly_at_the_right_scale(tiny, views, tmp_path):
+    base = probe(tiny)
+    seen = {}
+
+    def cb(info):
+        if info["stage"] == "saved":
+            seen["trained"] = probe(tiny)
+        return True
+
+    adapter = train(tiny, views, "lora_dreambooth", {"steps": 5, "rank": 4, "alpha": 8.0}, out=tmp_path / "lora", callback=cb)
+    assert (tmp_path / "lora" / LORA_FILE).exists() and adapter.kind == "lora"
+    assert not torch.allclose(seen["trained"], base, atol=1e-4), "training changed nothing: the test would prove nothing"
+    pipe = fresh_pipeline()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    assert torch.allclose(pipe_probe(pipe), seen["trained"], atol=1e-5)  # alpha/rank = 2 honoured on reload
+    assert torch.equal(probe(tiny), base)  # the shared backbone is left as it was
+    assert not getattr(tiny.unet, "peft_config", {})
+    assert not any("base_layer" in k or "lora" in k for k in tiny.unet.state_dict())  # no peft wrappers left behind
+    generate(tiny, adapter, [PROMPT], [0], steps=1)  # applying it (diffusers' loader) also leaves nothing behind
+    assert not any("base_layer" in k or "lora" in k for k in tiny.unet.state_dict())
+
+
+def test_textual_inversion_embedding_reloads_exactly(tiny, views, tmp_path):
+    seen = {}
+    vocab = len(tiny.tokenizer)
+    adapter = train(tiny, views, "textual_inversion", {"steps": 4}, out=tmp_path / "ti",
+                    callback=lambda i: seen.update(i) or True)
+    assert (tmp_path / "ti" / TI_FILE).exists() and adapter.token == "<sks>"
+    pipe = fresh_pipeline()
+    pipe.load_textual_inversion(str(tmp_path / "ti"), token="<sks>")
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<sks>")]
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("person</w>")]
+    assert torch.allclose(row, seen["embedding"][0], atol=0)
+    assert not torch.allclose(row, init), "the embedding did not move from its initializer"
+    assert len(tiny.tokenizer) == vocab  # the shared tokenizer is untouched
+
+
+def test_dreambooth_saves_a_unet_that_reloads_exactly(tiny, views, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    seen = {}
+    base = probe(tiny)
+    train(tiny, views, "dreambooth", {"steps": 2, "lr": 1e-3}, out=tmp_path / "db",
+          callback=lambda i: (seen.update(trained=probe(tiny)) if i["stage"] == "saved" else None) or True)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "db" / "unet")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = unet(z, torch.tensor([300]), encoder_hidden_states=tiny.encode_prompt(PROMPT)).sample
+    assert torch.allclose(out, seen["trained"], atol=1e-5) and not torch.allclose(out, base, atol=1e-4)
+    assert torch.equal(probe(tiny), base)
+
+
+def test_same_seed_same_curve_and_record_round_trip(tiny, views, tmp_path):
+    a = train(tiny, views, "lora_dreambooth", {"steps": 4, "seed": 1}, out=tmp_path / "a")
+    b = train(tiny, views, "lora_dreambooth", {"steps": 4, "seed": 1}, out=tmp_path / "b")
+    c = train(tiny, views, "lora_dreambooth", {"steps": 4, "seed": 2}, out=tmp_path / "c")
+    assert a.train_curve == b.train_curve and len(a.train_curve) == 4
+    assert a.train_curve != c.train_curve
+    again = Adapter.load(tmp_path / "a")
+    assert again.train_curve == a.train_curve and again.prompt == PROMPT and again.base_spec == "tiny"
+    assert json.loads((tmp_path / "a" / "adapter.json").read_text())["params"]["steps"] == 4
+
+
+def test_generation_is_paired_by_seed(tiny, views, tmp_path):
+    adapter = train(tiny, views, "lora_dreambooth", {"steps": 3, "lr": 1e-2}, out=tmp_path / "g")
+    one = generate(tiny, adapter, [PROMPT] * 2, [5, 6], steps=3)
+    two = generate(tiny, adapter, [PROMPT] * 2, [5, 6], steps=3)
+    base = generate(tiny, None, [PROMPT] * 2, [5, 6], steps=3)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+    assert not torch.equal(one[0], one[1])  # different seeds, different images
+    assert not torch.equal(one[0], base[0])  # the adapter is really applied
+    assert one[0].shape == (3, 64, 64) and 0 <= one[0].min() and one[0].max() <= 1
+
+
+def test_post_attack_loss_falls_on_what_the_attack_learned(tiny, views, tmp_path):
+    draws = make_draws(8, 2, tiny.latent_shape(), tiny.num_train_timesteps, seed=0)
+    adapter = train(tiny, views, "lora_dreambooth", {"steps": 30, "lr": 3e-3}, out=tmp_path / "p")
+    before = float(post_attack_loss(tiny, None, views[:2], draws, prompt=PROMPT))
+    after = float(post_attack_loss(tiny, adapter, views[:2], draws))
+    assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("attack,params,phrase", [
+    ("nope", {}, "unknown attack"),
+    ("lora_dreambooth", {"steps": 0}, "steps must be at least 1"),
+    ("lora_dreambooth", {"instance_prompt": "a photo of a person"}, "does not contain the token"),
+    ("textual_inversion", {"instance_prompt": "a photo of a thing"}, "does not contain the token"),
+    ("textual_inversion", {"token": "person", "instance_prompt": "a photo of a person"}, "already in the vocabulary"),
+    ("lora_dreambooth", {"stepz": 3}, "has no parameter stepz"),
+])
+def test_bad_input_fails_before_training_and_leaves_nothing(tiny, views, tmp_path, attack, params, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        train(tiny, views, attack, params, out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_non_image_in_the_folder_and_empty_folder(tiny, tmp_path):
+    from ldu import ImageLoadError
+
+    (tmp_path / "imgs").mkdir()
+    rgb(64, 64).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "b.png").write_text("not a picture")
+    with pytest.raises(ImageLoadError, match="b.png: not an image"):
+        train(tiny, [tmp_path / "imgs"], "lora_dreambooth", out=tmp_path / "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageLoadError, match="no images"):
+        train(tiny, [tmp_path / "empty"], "lora_dreambooth", out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cancel_leaves_no_result_and_restores_the_backbone(tiny, views, tmp_path):
+    from ldu import Cancelled
+
+    base = probe(tiny)
+    with pytest.raises(Cancelled):
+        train(tiny, views, "lora_dreambooth", {"steps": 10}, out=tmp_path / "c", callback=lambda i: i.get("step", 0) < 3)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.iterdir())
+    assert torch.equal(probe(tiny), base) and not getattr(tiny.unet, "peft_config", {})
+
+
+def test_existing_adapter_folder_is_not_replaced_silently(tiny, views, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        train(tiny, views, "lora_dreambooth", {"steps": 1}, out=tmp_path / "x")
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_prior_preservation_generates_and_caches_class_images(tiny, views, tmp_path):
+    params = {"steps": 2, "prior_preservation": True, "num_class_images": 2, "class_dir": str(tmp_path / "cls")}
+    a = train(tiny, views, "lora_dreambooth", params, out=tmp_path / "a")
+    cached = sorted((tmp_path / "cls").rglob("class_*.png"))
+    assert len(cached) == 2
+    b = train(tiny, views, "lora_dreambooth", params, out=tmp_path / "b")
+    assert a.train_curve == b.train_curve  # the second run reused the same class images
