@@ -8,6 +8,7 @@ example's `vae.encode(x).latent_dist.sample()` does, with the attack's own seede
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +83,49 @@ class Shuffler:
                 self.queue = torch.randperm(self.n, generator=self.generator).tolist()
             out.append(self.queue.pop(0))
         return torch.tensor(out)
+
+
+class DreamBoothBatches:
+    """Each step's latents, prompts and loss weights: instance views, plus as many class images with prior
+    preservation (diffusers' DreamBooth collate: instance and class examples in one batch, the class loss
+    weighted by prior_loss_weight)."""
+
+    def __init__(self, backbone, views: torch.Tensor, p, generator: torch.Generator):
+        from .generate import class_images
+
+        self.p, self.g = p, generator
+        self.inst = Posteriors.of(backbone, views, flip=p.flip)
+        self.inst_order = Shuffler(self.inst.n, generator)
+        self.cls = self.cls_order = None
+        if getattr(p, "prior_preservation", False):
+            images = class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed, cache_dir=p.class_dir)
+            self.cls = Posteriors.of(backbone, images, flip=p.flip)
+            self.cls_order = Shuffler(self.cls.n, generator)
+
+    def __call__(self):
+        b, p = self.p.batch_size, self.p
+        z, prompts, weights = self.inst.sample(self.inst_order.next(b), self.g), [p.instance_prompt] * b, None
+        if self.cls is not None:
+            z = torch.cat([z, self.cls.sample(self.cls_order.next(b), self.g)])
+            prompts += [p.class_prompt] * b
+            weights = torch.cat([torch.full((b,), 1 / b), torch.full((b,), p.prior_loss_weight / b)])
+        return z, prompts, weights
+
+
+def train_loop(backbone, batches, trainable, optimizer, steps: int, generator: torch.Generator, callback=None,
+               grad_text: bool = False, max_grad_norm: float | None = 1.0, after_step=None,
+               context=contextlib.nullcontext) -> list[float]:
+    """`steps` optimiser steps on batches() -> (latents, prompts, weights); returns the loss curve."""
+    from ldu.finetune import train_step
+    from ldu.registry import report
+
+    curve = []
+    for step in range(steps):
+        z, prompts, weights = batches()
+        with context():
+            cond = backbone.encode_prompt(prompts, grad=grad_text)
+            curve.append(train_step(backbone, trainable, optimizer, z, cond, generator, weights, max_grad_norm))
+        if after_step is not None:
+            after_step()
+        report(callback, {"stage": "train", "step": step + 1, "total": steps, "loss": curve[-1]})
+    return curve

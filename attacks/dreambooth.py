@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ldu.finetune import train_step
 from ldu.registry import check, param, report
 
-from .data import Posteriors, Shuffler
-from .generate import class_images
+from .data import DreamBoothBatches, train_loop
 from .train import Attack, AttackOutput, check_common
 
 
@@ -62,11 +60,7 @@ def _optimizer(params, p: DreamBoothParams, device: torch.device):
 
 def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, callback=None) -> AttackOutput:
     g = torch.Generator().manual_seed(p.seed)
-    inst = Posteriors.of(backbone, views, flip=p.flip)
-    cls = None
-    if p.prior_preservation:
-        cls = Posteriors.of(backbone, class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed,
-                                                   cache_dir=p.class_dir), flip=p.flip)
+    batches = DreamBoothBatches(backbone, views, p, g)
     saved = backbone.unet, backbone.text_encoder
     unet = copy.deepcopy(saved[0]).float().requires_grad_(True)
     trainable = list(unet.parameters())
@@ -78,26 +72,14 @@ def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, call
         unet.enable_gradient_checkpointing()
     opt = _optimizer(trainable, p, backbone.device)
     mixed = backbone.device.type == "cuda" and backbone.dtype != torch.float32
-    autocast = torch.autocast("cuda", dtype=backbone.dtype) if mixed else contextlib.nullcontext()
+    autocast = (lambda: torch.autocast("cuda", dtype=backbone.dtype)) if mixed else contextlib.nullcontext
     backbone.unet = unet
     if text is not None:
         backbone.text_encoder = text
     backbone.clear_prompt_cache()
     try:
-        inst_order, cls_order = Shuffler(inst.n, g), (Shuffler(cls.n, g) if cls else None)
-        curve = []
-        for step in range(p.steps):
-            b = p.batch_size
-            z = inst.sample(inst_order.next(b), g)
-            prompts, weights = [p.instance_prompt] * b, None
-            if cls is not None:
-                z = torch.cat([z, cls.sample(cls_order.next(b), g)])
-                prompts += [p.class_prompt] * b
-                weights = torch.cat([torch.full((b,), 1 / b), torch.full((b,), p.prior_loss_weight / b)])
-            with autocast:
-                cond = backbone.encode_prompt(prompts, grad=p.train_text_encoder)
-                curve.append(train_step(backbone, trainable, opt, z, cond, g, weights, p.max_grad_norm))
-            report(callback, {"stage": "train", "step": step + 1, "total": p.steps, "loss": curve[-1]})
+        curve = train_loop(backbone, batches, trainable, opt, p.steps, g, callback, grad_text=p.train_text_encoder,
+                           max_grad_norm=p.max_grad_norm, context=autocast)
         if p.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.to(backbone.dtype).save_pretrained(workdir / "unet", safe_serialization=True)

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, remove_lora, train_step
+from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, remove_lora
 from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
-from .data import Posteriors, Shuffler
-from .generate import class_images
+from .data import DreamBoothBatches, train_loop
 from .train import Attack, AttackOutput, check_common
 
 ADAPTER = "ldu_attack"
@@ -78,12 +77,9 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
     from peft.utils import get_peft_model_state_dict
 
     g = torch.Generator().manual_seed(p.seed)
-    inst = Posteriors.of(backbone, views, flip=p.flip)
-    cls = None
     if p.prior_preservation:
         report(callback, {"stage": "class_images", "step": 0, "total": p.num_class_images})
-        cls = Posteriors.of(backbone, class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed,
-                                                   cache_dir=p.class_dir), flip=p.flip)
+    batches = DreamBoothBatches(backbone, views, p, g)
     alpha = p.alpha if p.alpha is not None else p.rank
     unet, text = backbone.unet, backbone.text_encoder
     trainable = add_lora(unet, p.rank, alpha, UNET_LORA_TARGETS, ADAPTER, p.seed)
@@ -96,20 +92,8 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
         if p.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
-        inst_order, cls_order = Shuffler(inst.n, g), (Shuffler(cls.n, g) if cls else None)
-        curve = []
-        for step in range(p.steps):
-            b = p.batch_size
-            z = inst.sample(inst_order.next(b), g)
-            prompts = [p.instance_prompt] * b
-            weights = None
-            if cls is not None:
-                z = torch.cat([z, cls.sample(cls_order.next(b), g)])
-                prompts += [p.class_prompt] * b
-                weights = torch.cat([torch.full((b,), 1 / b), torch.full((b,), p.prior_loss_weight / b)])
-            cond = backbone.encode_prompt(prompts, grad=p.train_text_encoder)
-            curve.append(train_step(backbone, trainable, opt, z, cond, g, weights, p.max_grad_norm))
-            report(callback, {"stage": "train", "step": step + 1, "total": p.steps, "loss": curve[-1]})
+        curve = train_loop(backbone, batches, trainable, opt, p.steps, g, callback, grad_text=p.train_text_encoder,
+                           max_grad_norm=p.max_grad_norm)
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
         meta = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
         text_layers = None

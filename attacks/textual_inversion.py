@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ldu.finetune import train_step
 from ldu.registry import check, param, report
 
 from .adapter import TI_FILE
-from .data import Posteriors, Shuffler
+from .data import Posteriors, Shuffler, train_loop
 from .train import Attack, AttackOutput, check_common
 
 # A few of the object templates of the Textual Inversion paper's code (imagenet_templates_small).
@@ -79,16 +78,17 @@ def textual_inversion(backbone, views: torch.Tensor, p: TIParams, workdir, callb
     saved = backbone.tokenizer, backbone.text_encoder
     backbone.tokenizer, backbone.text_encoder = tokenizer, text
     backbone.clear_prompt_cache()
+    def batches():
+        prompts = [templates[int(i)] for i in torch.randint(0, len(templates), (p.batch_size,), generator=g)]
+        return inst.sample(order.next(p.batch_size), g), prompts, None
+
+    def only_the_new_row_learns():
+        with torch.no_grad():
+            emb[keep] = original[keep]
+
     try:
-        curve = []
-        for step in range(p.steps):
-            z = inst.sample(order.next(p.batch_size), g)
-            prompts = [templates[int(i)] for i in torch.randint(0, len(templates), (p.batch_size,), generator=g)]
-            cond = backbone.encode_prompt(prompts, grad=True)
-            curve.append(train_step(backbone, [emb], opt, z, cond, g, max_grad_norm=None))
-            with torch.no_grad():  # only the new row learns
-                emb[keep] = original[keep]
-            report(callback, {"stage": "train", "step": step + 1, "total": p.steps, "loss": curve[-1]})
+        curve = train_loop(backbone, batches, [emb], opt, p.steps, g, callback, grad_text=True, max_grad_norm=None,
+                           after_step=only_the_new_row_learns)
         learned = emb.detach()[token_id : token_id + 1].float().cpu().clone()
         save_file({p.token: learned}, str(workdir / TI_FILE))
         report(callback, {"stage": "saved", "step": p.steps, "total": p.steps, "embedding": learned})

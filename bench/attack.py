@@ -15,35 +15,20 @@ import time
 
 import torch
 
-from common import peak_gib, print_table, random_backbone, reset_peak, sync
+from common import add_backbone_args, backbone_from_args, peak_gib, print_table, reset_peak, sync
 
 from attacks import attacks, train  # noqa: E402  (common.py puts the repo on the path)
-from ldu import load_backbone  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--random-weights", default=None, help="sd15: SD 1.5's architecture with random weights")
-    ap.add_argument("--resolution", type=int, default=None)
+    add_backbone_args(ap)
     ap.add_argument("--attacks", default=",".join(attacks))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--images", type=int, default=4, help="training views")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
-    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU)")
     args = ap.parse_args()
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    if torch.device(args.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.random_weights:
-        bb = random_backbone(args.random_weights, args.device, dtype or torch.float32, args.resolution)
-    else:
-        bb = load_backbone(args.model, device=args.device, dtype=dtype)
-    if args.compile:
-        bb.unet = torch.compile(bb.unet)
+    bb = backbone_from_args(args)
     views = [torch.rand(3, bb.resolution, bb.resolution, generator=torch.Generator().manual_seed(i)) for i in range(args.images)]
     rows = []
     for name in args.attacks.split(","):

@@ -84,3 +84,27 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join("-" * widths[c] for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def add_backbone_args(ap) -> None:
+    ap.add_argument("--model", default="tiny", help="backbone spec (ignored with --random-weights)")
+    ap.add_argument("--random-weights", default=None, help="sd15: SD 1.5's architecture with random weights")
+    ap.add_argument("--resolution", type=int, default=None, help="working size for --random-weights (default 512)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU)")
+
+
+def backbone_from_args(args) -> Backbone:
+    from ldu import load_backbone
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # measured: bf16 UNet forward 43 -> 26 ms on an H200
+    if args.random_weights:
+        bb = random_backbone(args.random_weights, args.device, dtype or torch.float32, args.resolution)
+    else:
+        bb = load_backbone(args.model, device=args.device, dtype=dtype)
+    if args.compile:
+        bb.unet = torch.compile(bb.unet)
+    return bb

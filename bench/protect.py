@@ -15,35 +15,22 @@ import time
 
 import torch
 
-from common import peak_gib, print_table, random_backbone, reset_peak, sync, time_unet_fwd_bwd
+from common import add_backbone_args, backbone_from_args, peak_gib, print_table, reset_peak, sync, time_unet_fwd_bwd
 
-from ldu import load_backbone, methods, protect  # noqa: E402  (common.py puts the repo on the path)
+from ldu import methods, protect  # noqa: E402  (common.py puts the repo on the path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="backbone spec (ignored with --random-weights)")
-    ap.add_argument("--random-weights", default=None, help="sd15: SD 1.5's architecture with random weights")
-    ap.add_argument("--resolution", type=int, default=None, help="working size for --random-weights (default 512)")
+    add_backbone_args(ap)
     ap.add_argument("--methods", default=",".join(methods), help="comma-separated registry names")
     ap.add_argument("--images", type=int, default=1, help="batch size (images of one subject)")
     ap.add_argument("--iterations", type=int, default=None, help="override each method's iterations")
     ap.add_argument("--draws", type=int, default=None, help="override m (default: the method's default)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
-    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet and VAE (GPU)")
     ap.add_argument("--no-checkpoint", action="store_true", help="keep UNet activations (more memory, less time)")
     args = ap.parse_args()
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    if torch.device(args.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.random_weights:
-        bb = random_backbone(args.random_weights, args.device, dtype or torch.float32, args.resolution)
-    else:
-        bb = load_backbone(args.model, device=args.device, dtype=dtype)
-    if args.compile:
-        bb.unet = torch.compile(bb.unet)
+    bb = backbone_from_args(args)
+    if args.compile:  # the VAE too: protection differentiates through it every step
         bb.vae.decoder = torch.compile(bb.vae.decoder)
         bb.vae.encoder = torch.compile(bb.vae.encoder)
     x = [torch.rand(3, bb.resolution, bb.resolution, generator=torch.Generator().manual_seed(i)) for i in range(args.images)]
