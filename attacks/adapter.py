@@ -12,8 +12,10 @@ import copy
 import json
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from ldu.finetune import forked_rng
 
 KINDS = ("lora", "textual_inversion", "dreambooth")
 RECORD = "adapter.json"
@@ -47,7 +49,11 @@ class Adapter:
             raise ValueError(f"{path}: not an adapter folder (no {RECORD}); train one with `python -m attacks train`")
         d = json.loads(record.read_text())
         d["path"] = path
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        missing = {"kind", "base_spec", "token", "prompt"} - set(d)
+        if missing:
+            raise ValueError(f"{record}: not a complete adapter record (missing {', '.join(sorted(missing))})")
+        return cls(**{k: v for k, v in d.items() if k in known})  # keys from a newer version are ignored
 
 
 def pipeline(backbone):
@@ -86,18 +92,19 @@ def applied(backbone, adapter: Adapter | None, adapter_name: str = "attack"):
             level = dlog.get_verbosity()
             dlog.set_verbosity_error()  # a UNet-only LoRA makes the loader warn that the text encoder got none
             try:
-                pipe.load_lora_weights(str(adapter.path), weight_name=LORA_FILE, adapter_name=adapter_name)
-            finally:
-                dlog.set_verbosity(level)
-            try:
+                try:
+                    pipe.load_lora_weights(str(adapter.path), weight_name=LORA_FILE, adapter_name=adapter_name)
+                finally:
+                    dlog.set_verbosity(level)
                 yield backbone
-            finally:
-                pipe.unload_lora_weights()  # removes peft's wrapper layers too, not only the adapter
+            finally:  # also after a failed load: it leaves peft's wrapper layers in the shared modules
+                pipe.unload_lora_weights()
         elif adapter.kind == "textual_inversion":
             backbone.tokenizer = copy.deepcopy(saved["tokenizer"])
             backbone.text_encoder = copy.deepcopy(saved["text_encoder"])
-            pipeline(backbone).load_textual_inversion(str(adapter.path), weight_name=TI_FILE, token=adapter.token,
-                                                      tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder)
+            with forked_rng(backbone.device):  # the loader's embedding resize draws from the global RNG
+                pipeline(backbone).load_textual_inversion(str(adapter.path), weight_name=TI_FILE, token=adapter.token,
+                                                          tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder)
             yield backbone
         elif adapter.kind == "dreambooth":
             from diffusers import UNet2DConditionModel

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--overwrite", action="store_true")
-    model_args(p)
+    model_args(p)  # the model is loaded only for diffpure / gridpure
 
     ls = sub.add_parser("list", help="attacks and purifications with their parameters")
     ls.add_argument("--kind", default="sd")
@@ -109,6 +109,11 @@ def _bar(args, total: int, desc: str):
     return bar, callback
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, not a folder: choose another --out")
+
+
 def cmd_train(args) -> int:
     from ldu.io import ImageLoadError, load_images
 
@@ -150,6 +155,7 @@ def cmd_generate(args) -> int:
         adapter = Adapter.load(args.adapter) if args.adapter else None
         if args.n < 1 or args.steps < 1:
             raise ValueError("--n and --steps must be at least 1")
+        _check_out(args.out)
     except ValueError as err:
         return fail(str(err))
     if adapter is not None and args.model is None:
@@ -182,6 +188,7 @@ def cmd_purify(args) -> int:
         entry = get_purification(args.method)
         overrides = parse_sets(args.set, entry.params)
         entry.make_params(kind_of(args.model), **overrides)
+        _check_out(args.out)
         images = load_images(args.inputs)
     except ImageLoadError as err:
         return fail(*[f"{name}: {problem}" for name, problem in err.problems])
@@ -193,10 +200,15 @@ def cmd_purify(args) -> int:
         return fail(*[f"{p}: already exists (use --overwrite to replace it)" for p in existing])
     bb = _backbone(args) if entry.needs_backbone else None
     params = entry.make_params(bb.kind if bb else "sd", **overrides)
+    bar, callback = _bar(args, len(images), args.method)
     try:
-        out = purify([im.pixels for im in images], args.method, params, backbone=bb)
+        out = purify([im.pixels for im in images], args.method, params, backbone=bb, callback=callback)
     except PurificationUnavailable as err:
         return fail(f"{args.method} is unavailable here: {err}")
+    except (ValueError, RuntimeError, OSError) as err:
+        return fail(f"{args.method}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
+    finally:
+        bar.close()
     for name, im, src in zip(names, out, images):
         save_png(im, src, args.out / f"{name}.png", {"purification": args.method, "params": dataclasses.asdict(params),
                                                      "source": src.describe()})

@@ -90,7 +90,7 @@ class DreamBoothBatches:
     preservation (diffusers' DreamBooth collate: instance and class examples in one batch, the class loss
     weighted by prior_loss_weight)."""
 
-    def __init__(self, backbone, views: torch.Tensor, p, generator: torch.Generator):
+    def __init__(self, backbone, views: torch.Tensor, p, generator: torch.Generator, callback=None):
         from .generate import class_images
 
         self.p, self.g = p, generator
@@ -98,7 +98,8 @@ class DreamBoothBatches:
         self.inst_order = Shuffler(self.inst.n, generator)
         self.cls = self.cls_order = None
         if getattr(p, "prior_preservation", False):
-            images = class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed, cache_dir=p.class_dir)
+            images = class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed, cache_dir=p.class_dir,
+                                  callback=callback)
             self.cls = Posteriors.of(backbone, images, flip=p.flip)
             self.cls_order = Shuffler(self.cls.n, generator)
 
@@ -116,15 +117,15 @@ def train_loop(backbone, batches, trainable, optimizer, steps: int, generator: t
                grad_text: bool = False, max_grad_norm: float | None = 1.0, after_step=None,
                context=contextlib.nullcontext) -> list[float]:
     """`steps` optimiser steps on batches() -> (latents, prompts, weights); returns the loss curve."""
-    from ldu.finetune import train_step
+    from ldu.finetune import grad_scaler, train_step
     from ldu.registry import report
 
-    curve = []
+    curve, scaler = [], grad_scaler(backbone)
     for step in range(steps):
         z, prompts, weights = batches()
         with context():
             cond = backbone.encode_prompt(prompts, grad=grad_text)
-            curve.append(train_step(backbone, trainable, optimizer, z, cond, generator, weights, max_grad_norm))
+            curve.append(train_step(backbone, trainable, optimizer, z, cond, generator, weights, max_grad_norm, scaler))
         if after_step is not None:
             after_step()
         report(callback, {"stage": "train", "step": step + 1, "total": steps, "loss": curve[-1]})

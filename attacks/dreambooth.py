@@ -2,9 +2,10 @@
 encoder) fine-tuned on the instance views, optionally with prior preservation.
 
 A copy of the UNet is trained in fp32 (mixed precision under autocast on a GPU), so the shared backbone is
-untouched; gradient checkpointing is on by default and 8-bit AdamW is used when bitsandbytes and a GPU are
+untouched (on a bf16/fp16 backbone the copy is loaded in fp32 from the checkpoint, not upcast from rounded
+weights); gradient checkpointing is on by default and 8-bit AdamW is used when bitsandbytes and a GPU are
 present (`use_8bit_adam`). Big-GPU only at SD size (about 16 GiB at 512²). Saved as `unet/` (and
-`text_encoder/`) in diffusers layout, in the backbone's dtype.
+`text_encoder/`) in diffusers layout, in fp32 (a bf16 save would round small updates away).
 
 Defaults follow the example's README run: lr 5e-6, batch 1, 400 steps, constant lr, AdamW weight decay 1e-2,
 gradient clipping 1.0.
@@ -58,15 +59,32 @@ def _optimizer(params, p: DreamBoothParams, device: torch.device):
     return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
 
 
+def _fp32_copy(backbone, name: str) -> torch.nn.Module:
+    """A trainable fp32 copy of a component, from the checkpoint when the backbone runs in lower precision:
+    starting from bf16-rounded weights would put every weight on the bf16 grid for good."""
+    module = getattr(backbone, name)
+    if backbone.dtype != torch.float32 and (backbone.path / name).is_dir():
+        if name == "unet":
+            from diffusers import UNet2DConditionModel
+
+            fresh = UNet2DConditionModel.from_pretrained(backbone.path, subfolder="unet", torch_dtype=torch.float32)
+        else:
+            from transformers import CLIPTextModel
+
+            fresh = CLIPTextModel.from_pretrained(backbone.path, subfolder="text_encoder", dtype=torch.float32)
+        return fresh.to(backbone.device)
+    return copy.deepcopy(module).float()
+
+
 def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, callback=None) -> AttackOutput:
     g = torch.Generator().manual_seed(p.seed)
-    batches = DreamBoothBatches(backbone, views, p, g)
+    batches = DreamBoothBatches(backbone, views, p, g, callback)
     saved = backbone.unet, backbone.text_encoder
-    unet = copy.deepcopy(saved[0]).float().requires_grad_(True)
+    unet = _fp32_copy(backbone, "unet").requires_grad_(True)
     trainable = list(unet.parameters())
     text = None
     if p.train_text_encoder:
-        text = copy.deepcopy(saved[1]).float().requires_grad_(True)
+        text = _fp32_copy(backbone, "text_encoder").requires_grad_(True)
         trainable += list(text.parameters())
     if p.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -82,9 +100,9 @@ def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, call
                            max_grad_norm=p.max_grad_norm, context=autocast)
         if p.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-        unet.to(backbone.dtype).save_pretrained(workdir / "unet", safe_serialization=True)
+        unet.save_pretrained(workdir / "unet", safe_serialization=True)  # fp32: a bf16 save would undo small updates
         if text is not None:
-            text.to(backbone.dtype).save_pretrained(workdir / "text_encoder", safe_serialization=True)
+            text.save_pretrained(workdir / "text_encoder", safe_serialization=True)
         report(callback, {"stage": "saved", "step": p.steps, "total": p.steps})
     finally:
         backbone.unet, backbone.text_encoder = saved

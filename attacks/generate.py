@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ldu.losses import Draws, diffusion_loss
+from ldu.registry import report
 
 from .adapter import Adapter, applied, pipeline
 from .data import instance_views
@@ -19,7 +20,8 @@ def generate(backbone, adapter: Adapter | None, prompts: list[str], seeds: list[
     """Images [3,H,W] in [0,1] (fp32, CPU) for each (prompt, seed) pair, with the adapter applied (None: the base).
 
     Each image has its own CPU generator seeded with its seed, and batching is fixed, so an attack on clean
-    and one on protected images generate pairs that differ only by what the adapters learned.
+    and one on protected images generate pairs that differ only by what the adapters learned. The callback
+    gets a dict per batch and cancels (Cancelled) by returning False.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
@@ -33,13 +35,12 @@ def generate(backbone, adapter: Adapter | None, prompts: list[str], seeds: list[
             images = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                           height=backbone.resolution, width=backbone.resolution, generator=gens, output_type="pt").images
             out += [im.float().cpu() for im in images]
-            if callback is not None:
-                callback({"stage": "generate", "step": len(out), "total": len(prompts)})
+            report(callback, {"stage": "generate", "step": len(out), "total": len(prompts)})
     return out
 
 
 def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, guidance: float = 7.5,
-                 cache_dir: str | Path | None = None) -> torch.Tensor:
+                 cache_dir: str | Path | None = None, callback=None) -> torch.Tensor:
     """n images of the class prompt from the base model (DreamBooth's prior preservation), [n,3,H,W].
 
     With `cache_dir` they are kept as PNGs and reused, so paired runs (clean vs protected) share them.
@@ -55,7 +56,8 @@ def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, 
             return instance_views(load_images(found[:n]), backbone.resolution)
     # 8-bit like every image an attacker collects, and exactly what a later run reads back from the cache
     images = [(im * 255).round() / 255 for im in
-              generate(backbone, None, [prompt] * n, [seed + i for i in range(n)], steps=steps, guidance=guidance)]
+              generate(backbone, None, [prompt] * n, [seed + i for i in range(n)], steps=steps, guidance=guidance,
+                       callback=None if callback is None else lambda info: callback({**info, "stage": "class_images"}))]
     if cache_dir is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):

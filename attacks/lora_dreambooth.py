@@ -52,23 +52,6 @@ class LoRAParams:
         check_common(self)
         check(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
-        if self.train_text_encoder:
-            check(text_lora_supported(), "train_text_encoder needs peft >= 0.22 (transformers 5 adds text-encoder adapters "
-                  f"only with it; installed: peft {_peft_version()}): upgrade peft, or train the UNet LoRA only")
-
-
-def _peft_version() -> str:
-    from importlib.metadata import version
-
-    return version("peft")
-
-
-def text_lora_supported() -> bool:
-    """transformers 5 refuses text-encoder adapters (add_adapter, load_adapter) below its MIN_PEFT_VERSION."""
-    from packaging.version import Version
-    from transformers.integrations.peft import MIN_PEFT_VERSION
-
-    return Version(_peft_version()) >= Version(MIN_PEFT_VERSION)
 
 
 def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callback=None) -> AttackOutput:
@@ -77,9 +60,7 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
     from peft.utils import get_peft_model_state_dict
 
     g = torch.Generator().manual_seed(p.seed)
-    if p.prior_preservation:
-        report(callback, {"stage": "class_images", "step": 0, "total": p.num_class_images})
-    batches = DreamBoothBatches(backbone, views, p, g)
+    batches = DreamBoothBatches(backbone, views, p, g, callback)
     alpha = p.alpha if p.alpha is not None else p.rank
     unet, text = backbone.unet, backbone.text_encoder
     trainable = add_lora(unet, p.rank, alpha, UNET_LORA_TARGETS, ADAPTER, p.seed)
@@ -107,7 +88,7 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
         if p.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         remove_lora(unet, ADAPTER)
-        if p.train_text_encoder and ADAPTER in getattr(text, "peft_config", {}):
+        if p.train_text_encoder and ADAPTER in (getattr(text, "peft_config", None) or {}):
             remove_lora(text, ADAPTER)
         backbone.clear_prompt_cache()
     return AttackOutput(kind="lora", token=p.token, prompt=p.instance_prompt, train_curve=curve)

@@ -52,7 +52,10 @@ def purify(images, name: str, params=None, backbone=None, callback=None) -> list
     if entry.needs_backbone and backbone is None:
         raise ValueError(f"{name} needs a backbone (it denoises with a diffusion model)")
     tensors = [im.float().cpu() if isinstance(im, torch.Tensor) else as_loaded([im])[0].pixels for im in images]
-    return entry.fn(tensors, params, backbone, callback)
+    out = entry.fn(tensors, params, backbone, callback)
+    if not entry.needs_backbone:  # the model-based ones report per image themselves
+        report(callback, {"stage": "purify", "step": len(out), "total": len(out)})
+    return out
 
 
 # ---- classical ---------------------------------------------------------------------------------------
@@ -84,8 +87,11 @@ class BlurParams:
 def gaussian_blur(images, p: BlurParams, backbone=None, callback=None):
     from torchvision.transforms.functional import gaussian_blur as blur
 
-    k = 2 * math.ceil(3 * p.sigma) + 1
-    return [blur(x[None], [k, k], [p.sigma, p.sigma])[0].clamp(0, 1) for x in images]
+    out = []
+    for x in images:  # the kernel covers 3 sigma, but never more than the image (reflect padding needs that)
+        k = min(2 * math.ceil(3 * p.sigma) + 1, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
+        out.append(blur(x[None], [k, k], [p.sigma, p.sigma])[0].clamp(0, 1))
+    return out
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldu.finetune import forked_rng
 from ldu.registry import check, param, report
 
 from .adapter import TI_FILE
@@ -60,7 +61,8 @@ def textual_inversion(backbone, views: torch.Tensor, p: TIParams, workdir, callb
         raise ValueError(f"initializer {p.initializer!r} is {len(init_ids)} tokens: choose a word that is one token")
     token_id = tokenizer.convert_tokens_to_ids(p.token)
     text = copy.deepcopy(backbone.text_encoder).float()
-    text.resize_token_embeddings(len(tokenizer))
+    with forked_rng(backbone.device):  # resizing initialises the new row from the global RNG; we set it below
+        text.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     emb = text.get_input_embeddings().weight
     with torch.no_grad():
         emb[token_id] = emb[init_ids[0]].clone()

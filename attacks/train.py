@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -56,7 +57,7 @@ def check_common(p, token_field: str = "token", prompt_field: str = "instance_pr
     check(p.batch_size >= 1, f"batch_size must be at least 1, got {p.batch_size}")
     token, prompt = getattr(p, token_field), getattr(p, prompt_field)
     check(bool(token.strip()), f"{token_field} must not be empty")
-    check(token in prompt.replace(",", " ").split(),
+    check(token in re.findall(r"[^\s,.;:!?\"']+", prompt),
           f"{prompt_field} {prompt!r} does not contain the token {token!r}: the attack would learn nothing to call up")
 
 

@@ -126,12 +126,15 @@ class Backbone:
     def encode_prompt(self, prompts: str | list[str], grad: bool = False) -> torch.Tensor:
         """CLIP hidden states [B, 77, D] in the text encoder's dtype.
 
-        Without grad they are cached per prompt (prompts repeat a lot); with grad (training the text encoder
-        or an embedding) they are computed afresh.
+        Without grad they are cached per prompt (prompts repeat a lot), except while any text-encoder weight
+        is trainable; with grad (training the text encoder or an embedding) they are computed afresh.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if grad:
             return self.text_encoder(self.token_ids(prompts))[0]
+        if any(p.requires_grad for p in self.text_encoder.parameters()):  # being trained: a cache would go stale
+            with torch.no_grad():
+                return self.text_encoder(self.token_ids(prompts))[0]
         # Keyed by the modules too: swapping in another text encoder or tokenizer can never return stale embeddings.
         key = (id(self.text_encoder), id(self.tokenizer))
         missing = [p for p in dict.fromkeys(prompts) if (key, p) not in self._prompt_cache]

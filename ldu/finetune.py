@@ -16,6 +16,12 @@ UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+def forked_rng(device: torch.device):
+    """A block whose draws from the global RNGs (CPU, and this CUDA device) are undone on exit."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, adapter_name: str, seed: int) -> list[torch.nn.Parameter]:
     """Add a peft LoRA adapter (Gaussian init, seeded without touching the global RNG); returns its parameters in fp32.
 
@@ -24,11 +30,15 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, adapter_n
     """
     from peft import LoraConfig
 
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    from peft import inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    with forked_rng(next(model.parameters()).device):
         torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)),
-                          adapter_name=adapter_name)
+        if hasattr(model, "delete_adapters"):  # diffusers models
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:  # transformers 5's add_adapter needs peft >= 0.22; peft's own injection does the same with 0.21
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
     params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
     for p in params:
         p.data = p.data.float()
@@ -46,8 +56,8 @@ def remove_lora(model: torch.nn.Module, adapter_name: str) -> None:
 
     if hasattr(model, "delete_adapters"):  # diffusers models
         model.delete_adapters(adapter_name)
-    else:  # transformers models
-        model.delete_adapter(adapter_name)
+    else:  # transformers models: our adapter is the only one (delete_adapter would need peft >= 0.22)
+        model.peft_config.pop(adapter_name, None)
     if not getattr(model, "peft_config", None):
         recurse_remove_peft_layers(model)
         if hasattr(model, "peft_config"):
@@ -56,9 +66,16 @@ def remove_lora(model: torch.nn.Module, adapter_name: str) -> None:
             model._hf_peft_config_loaded = False
 
 
+def grad_scaler(backbone):
+    """A GradScaler when the backbone runs in fp16 on a GPU (small gradients underflow in fp16), else None."""
+    if backbone.device.type == "cuda" and backbone.dtype == torch.float16:
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
 def train_step(backbone, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, latents: torch.Tensor,
                cond: torch.Tensor, generator: torch.Generator, weights: torch.Tensor | None = None,
-               max_grad_norm: float | None = 1.0) -> float:
+               max_grad_norm: float | None = 1.0, scaler=None) -> float:
     """One optimiser step on the diffusion loss of `latents` (scaled) under `cond`, with a fresh draw per sample.
 
     weights [B] (optional): the loss is sum(weights * per-sample loss) instead of the mean (prior preservation:
@@ -68,8 +85,16 @@ def train_step(backbone, params: list[torch.nn.Parameter], optimizer: torch.opti
     per_sample = diffusion_loss(backbone, latents, cond, draws, reduction="none")
     loss = per_sample.mean() if weights is None else (per_sample * weights.to(per_sample)).sum()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+    else:  # fp16: scale the loss, unscale before clipping, skip steps with inf/NaN gradients
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
     return float(loss.detach())

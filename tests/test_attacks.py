@@ -167,10 +167,98 @@ def test_existing_adapter_folder_is_not_replaced_silently(tiny, views, tmp_path)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
-def test_prior_preservation_generates_and_caches_class_images(tiny, views, tmp_path):
+def test_prior_preservation_generates_and_caches_class_images(tiny, views, tmp_path, monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("attacks.generate")  # the module (the package re-exports a function of that name)
+    calls = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     params = {"steps": 2, "prior_preservation": True, "num_class_images": 2, "class_dir": str(tmp_path / "cls")}
     a = train(tiny, views, "lora_dreambooth", params, out=tmp_path / "a")
-    cached = sorted((tmp_path / "cls").rglob("class_*.png"))
-    assert len(cached) == 2
+    assert len(sorted((tmp_path / "cls").rglob("class_*.png"))) == 2 and len(calls) == 1
     b = train(tiny, views, "lora_dreambooth", params, out=tmp_path / "b")
-    assert a.train_curve == b.train_curve  # the second run reused the same class images
+    assert len(calls) == 1  # the second run read the cache instead of generating
+    assert a.train_curve == b.train_curve
+    c = train(tiny, views, "lora_dreambooth", {**params, "prior_loss_weight": 0.0}, out=tmp_path / "c")
+    assert c.train_curve != a.train_curve  # the class loss is part of the objective
+
+
+def test_text_encoder_lora_reloads_exactly(tiny, views, tmp_path):
+    seen = {}
+
+    def cb(info):
+        if info["stage"] == "saved":
+            seen["cond"] = tiny.encode_prompt(PROMPT)
+            seen["unet"] = probe(tiny)
+        return True
+
+    base_cond = tiny.encode_prompt(PROMPT)
+    train(tiny, views, "lora_dreambooth", {"steps": 4, "train_text_encoder": True, "lr": 1e-2}, out=tmp_path / "te", callback=cb)
+    assert not torch.allclose(seen["cond"], base_cond, atol=1e-4), "the text-encoder LoRA did not train"
+    pipe = fresh_pipeline()
+    pipe.load_lora_weights(str(tmp_path / "te"))
+    ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(pipe.text_encoder(ids)[0], seen["cond"], atol=1e-5)
+    assert torch.allclose(pipe_probe(pipe), seen["unet"], atol=1e-5)
+    assert torch.equal(tiny.encode_prompt(PROMPT), base_cond)
+    assert not any("lora" in k or "base_layer" in k for k in tiny.text_encoder.state_dict())
+
+
+def test_a_failed_lora_load_leaves_no_peft_layers_behind(tiny, views, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = train(tiny, views, "lora_dreambooth", {"steps": 1}, out=tmp_path / "bad")
+    weights = load_file(tmp_path / "bad" / LORA_FILE)
+    key = sorted(k for k in weights if "lora.down" in k or "lora_A" in k)[-1]
+    weights[key] = torch.zeros(weights[key].shape[0] + 3, weights[key].shape[1])  # a LoRA for another architecture
+    save_file(weights, tmp_path / "bad" / LORA_FILE)
+    with pytest.raises(Exception):
+        generate(tiny, adapter, [PROMPT], [0], steps=1)
+    assert not any("base_layer" in k or "lora" in k for k in tiny.unet.state_dict())
+
+
+@pytest.mark.parametrize("attack,params", [("textual_inversion", {"steps": 3}), ("dreambooth", {"steps": 2, "lr": 1e-3})])
+def test_ti_and_dreambooth_are_seeded_applied_and_leave_the_backbone_alone(tiny, views, tmp_path, attack, params):
+    base = probe(tiny)
+    state = torch.random.get_rng_state()
+    a = train(tiny, views, attack, params, out=tmp_path / "a")
+    b = train(tiny, views, attack, params, out=tmp_path / "b")
+    assert a.train_curve == b.train_curve
+    draws = make_draws(2, 2, tiny.latent_shape(), tiny.num_train_timesteps, seed=0)
+    assert float(post_attack_loss(tiny, a, views[:2], draws)) != float(post_attack_loss(tiny, None, views[:2], draws, prompt=a.prompt))
+    assert not torch.equal(generate(tiny, a, [a.prompt], [0], steps=2)[0], generate(tiny, None, [a.prompt], [0], steps=2)[0])
+    assert torch.equal(probe(tiny), base)
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing drew from the global RNG
+
+
+@pytest.mark.parametrize("attack", ["textual_inversion", "dreambooth"])
+def test_cancel_other_attacks(tiny, views, tmp_path, attack):
+    from ldu import Cancelled
+
+    with pytest.raises(Cancelled):
+        train(tiny, views, attack, {"steps": 5}, out=tmp_path / "c", callback=lambda i: i.get("step", 0) < 2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_dreambooth_on_a_bf16_backbone_keeps_small_updates(views, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from ldu import load_backbone
+
+    bf16 = load_backbone("tiny", device="cpu", dtype=torch.bfloat16)
+    lr, steps = 1e-5, 2
+    train(bf16, views, "dreambooth", {"steps": steps, "lr": lr, "weight_decay": 0.0}, out=tmp_path / "db")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "db" / "unet")
+    base = UNet2DConditionModel.from_pretrained(BUILTIN["tiny"], subfolder="unet")
+    w, w0 = saved.conv_in.weight.detach(), base.conv_in.weight.detach()
+    assert w.dtype == torch.float32
+    # Adam moves each weight by at most ~lr per step: bf16 rounding (~0.4 % of a weight) would show up far above that
+    assert float((w - w0).abs().max()) <= 1.1 * steps * lr
+    assert float((w - w0).abs().max()) > 0
+
+
+def test_token_next_to_punctuation_is_accepted(tiny, views, tmp_path):
+    a = train(tiny, views, "lora_dreambooth", {"steps": 1, "instance_prompt": "a photo of sks."}, out=tmp_path / "p")
+    assert a.prompt == "a photo of sks."
