@@ -49,6 +49,12 @@ def check_budget(p) -> None:
         check(v is None or 0 < v <= 1, f"{name} must be in (0, 1] pixel units (e.g. 8/255), got {v}")
 
 
-from . import ldu as _ldu  # noqa: E402  (registers itself)
+from . import advdm as _advdm  # noqa: E402
+from . import aspl as _aspl  # noqa: E402
+from . import ldu as _ldu  # noqa: E402
+from . import mist as _mist  # noqa: E402
+from . import photoguard_encoder as _photoguard  # noqa: E402
+from . import pid as _pid  # noqa: E402
 
-register(_ldu.METHOD)
+for _m in (_ldu, _advdm, _aspl, _photoguard, _mist, _pid):
+    register(_m.METHOD)
