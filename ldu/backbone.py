@@ -310,7 +310,9 @@ def _folder_revision(path: Path) -> str:
     """A content hash of a local model: small files whole; large weights by size and four sampled 1 MiB
     chunks (two fine-tunes of one architecture differ everywhere, and hashing 4 GB at every load is slow)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    parts = [path / "model_index.json", *(path / c for c in COMPONENTS)]  # not READMEs, grids or reports beside them
+    files = [p for part in parts for p in ([part] if part.is_file() else sorted(part.rglob("*")) if part.is_dir() else [])]
+    for f in sorted(p for p in files if p.is_file()):
         size = f.stat().st_size
         h.update(f"{f.relative_to(path)}:{size}".encode())
         if size <= 64 * 2**20:

@@ -151,6 +151,7 @@ def build_tiny(out: Path, seed: int = 0) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    strip_absent_components(out)
     # Also the classic vocab.json / merges.txt pair, for tools that do not read tokenizer.json.
     (out / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
     (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -158,6 +159,14 @@ def build_tiny(out: Path, seed: int = 0) -> None:
         "# tiny\n\nA miniature Stable Diffusion with RANDOM weights (seed %d), built by `python -m ldu.tiny`.\n"
         "Every code path runs on it offline in seconds; nothing it produces means anything.\n" % seed
     )
+
+
+def strip_absent_components(folder: Path) -> None:
+    """model_index.json lists only the components that are there (save_pretrained writes [null, null] for the
+    absent safety checker, feature extractor and image encoder; from_pretrained does not need them)."""
+    path = folder / "model_index.json"
+    index = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in index.items() if v != [None, None]}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,42 @@
+"""python -m ldu.pocket train --out DIR  |  python -m ldu.pocket check [--model DIR]"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ldu.pocket")
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) the pocket backbone; writes DIR/pipeline")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vae-steps", type=int, default=None)
+    t.add_argument("--unet-steps", type=int, default=None)
+    t.add_argument("--dataset", type=int, default=None, help="images in the encoded UNet training set")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
+    c.add_argument("--model", default="pocket", help="pocket, or a folder")
+    c.add_argument("--out", type=Path, default=None, help="where to write check.json and grid.png (default: the model folder)")
+    c.add_argument("--samples", type=int, default=16, help="generations per caption class")
+    args = ap.parse_args(argv)
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        from .train import Config, train
+
+        overrides = {k: v for k, v in (("seed", args.seed), ("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
+                                       ("dataset", args.dataset)) if v is not None}
+        folder = train(args.out, Config(**overrides))
+        print(f"wrote {folder}")
+        return 0
+    from .check import check
+
+    check(args.model, args.out, samples=args.samples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

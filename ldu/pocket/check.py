@@ -1,0 +1,132 @@
+"""Measure a pocket model: VAE reconstruction, diffusion loss against a random model of the same size, how much
+the caption matters, and caption following of classifier-free-guided generations (guidance 4, 7.5 and 12). Writes check.json and
+grid.png (one row per caption class) and prints a table.
+
+    python -m ldu.pocket check                     # the shipped assets/pocket
+    python -m ldu.pocket check --model runs/pocket/pipeline
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+GUIDANCE = 7.5  # Stable Diffusion's default; the grid and the headline number use it
+GUIDANCE_SWEEP = (4.0, 7.5, 12.0)
+STEPS = 25
+
+
+def feature(images: torch.Tensor) -> torch.Tensor:
+    """A simple image feature: the 8x8 RGB thumbnail (colour layout), [N, 192]."""
+    return F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+
+
+def to_unit(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def vae_psnr(bb, images: torch.Tensor) -> list[float]:
+    rec = bb.decode(bb.encode(images)).clamp(0, 1)
+    mse = (rec - images).pow(2).flatten(1).mean(1)
+    return [10 * math.log10(1 / m) for m in mse.tolist()]
+
+
+@torch.no_grad()
+def loss_on(bb, unet, text, images: torch.Tensor, captions: list[str], seed: int) -> float:
+    """epsilon-prediction MSE of (unet, text) on images under seeded draws (4 per image)."""
+    from ldu.losses import diffusion_loss, make_draws
+
+    z = bb.encode(images)
+    ids = bb.token_ids(captions)
+    saved = bb.unet, bb.text_encoder
+    bb.unet, bb.text_encoder = unet, text
+    try:
+        cond = text(ids)[0]
+        draws = make_draws(4, z.shape[0], tuple(z.shape[1:]), bb.num_train_timesteps, seed=seed)
+        return float(diffusion_loss(bb, z, cond, draws, max_batch=256))
+    finally:
+        bb.unet, bb.text_encoder = saved
+
+
+def check(model: str = "pocket", out: Path | None = None, samples: int = 16, seed: int = 0) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldu import load_backbone
+    from ldu.protect import to_pil
+
+    from .train import Config, build_models
+
+    bb = load_backbone(model, device="cpu", dtype=torch.float32)
+    out = Path(out) if out else bb.path
+    res: dict = {"model": bb.spec, "revision": bb.revision}
+
+    # 1. VAE reconstruction: held-out subjects (never trained on) and fresh training-distribution images.
+    held = torch.cat([to_unit(data.subject_views(n, 32, seed=seed + 5)) for n in data.HELD_OUT])
+    fresh_np, fresh_caps = data.batch(seed + 999, 0, 64)
+    fresh = to_unit(fresh_np)
+    res["vae_psnr_held_out"] = float(np.mean(vae_psnr(bb, held)))
+    res["vae_psnr_training_distribution"] = float(np.mean(vae_psnr(bb, fresh)))
+
+    # 2. Diffusion loss on fresh images vs a random model of the same architecture; and how much captions matter.
+    cfg = json.loads((bb.path / "training.json").read_text())["config"] if (bb.path / "training.json").exists() else {}
+    _, rand_text, rand_unet = build_models(Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}), bb.tokenizer)
+    shuffled = [fresh_caps[(i + 7) % len(fresh_caps)] for i in range(len(fresh_caps))]
+    res["loss_true_captions"] = loss_on(bb, bb.unet, bb.text_encoder, fresh, fresh_caps, seed)
+    res["loss_empty_captions"] = loss_on(bb, bb.unet, bb.text_encoder, fresh, [""] * len(fresh_caps), seed)
+    res["loss_shuffled_captions"] = loss_on(bb, bb.unet, bb.text_encoder, fresh, shuffled, seed)
+    res["loss_random_model"] = loss_on(bb, rand_unet.eval(), rand_text.eval(), fresh, fresh_caps, seed)
+    res["loss_held_out_subjects"] = loss_on(bb, bb.unet, bb.text_encoder, held,
+                                             [c for c in data.HELD_OUT.values() for _ in range(32)], seed)
+
+    # 3. Caption following: is a generation nearest (8x8 thumbnail distance) to a real image of its own caption's
+    #    class? 1-nearest-neighbour over 64 real images per class (the classes are multi-modal: shapes at random
+    #    places and sizes), and, stricter, the nearest class centroid. Swept over the guidance scale.
+    pipe = StableDiffusionPipeline(vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet,
+                                   scheduler=DDIMScheduler.from_config(bb.scheduler.config), safety_checker=None,
+                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    classes = list(data.CHECK_CLASSES)
+    reals = [feature(to_unit(data.class_examples(c, 64))) for c in classes]
+    centroids = torch.stack([r.mean(0) for r in reals])
+    pool, labels = torch.cat(reals), torch.arange(len(classes)).repeat_interleave(64)
+    sweep, rows = {}, []
+    for guidance in GUIDANCE_SWEEP:
+        nn_hits, centroid_hits, per_class = 0, 0, {}
+        for k, caption in enumerate(classes):
+            gens = pipe([caption] * samples, num_inference_steps=STEPS, guidance_scale=guidance, height=data.SIZE,
+                        width=data.SIZE, output_type="pt",
+                        generator=[torch.Generator().manual_seed(seed * 1000 + i) for i in range(samples)]).images.float()
+            f = feature(gens)
+            hit = labels[torch.cdist(f, pool).argmin(1)] == k
+            per_class[caption] = float(hit.float().mean())
+            nn_hits += int(hit.sum())
+            centroid_hits += int((torch.cdist(f, centroids).argmin(1) == k).sum())
+            if guidance == GUIDANCE:
+                rows.append(torch.cat(list(gens[:8]), dim=2))
+        sweep[str(guidance)] = {"nearest_neighbour": nn_hits / (samples * len(classes)),
+                                "nearest_centroid": centroid_hits / (samples * len(classes)), "per_class": per_class}
+    res["caption_following"] = sweep[str(GUIDANCE)]["nearest_neighbour"]
+    res["caption_following_per_class"] = sweep[str(GUIDANCE)]["per_class"]
+    res["caption_following_by_guidance"] = sweep
+    res["caption_following_chance"] = 1 / len(classes)
+    res["generation"] = {"guidance": GUIDANCE, "steps": STEPS, "samples_per_class": samples}
+    to_pil(torch.cat(rows, dim=1)).save(out / "grid.png")
+    (out / "check.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"model {bb.spec} ({bb.revision})")
+    for key in ("vae_psnr_held_out", "vae_psnr_training_distribution", "loss_true_captions", "loss_empty_captions",
+                "loss_shuffled_captions", "loss_random_model", "loss_held_out_subjects", "caption_following"):
+        print(f"  {key:<32} {res[key]:.4f}")
+    for caption, acc in res["caption_following_per_class"].items():
+        print(f"    {acc:5.2f}  {caption}")
+    for guidance, r in sweep.items():
+        print(f"  guidance {guidance:>4}: nearest neighbour {r['nearest_neighbour']:.3f}, nearest centroid {r['nearest_centroid']:.3f}")
+    print(f"wrote {out / 'check.json'} and {out / 'grid.png'} (rows: {'; '.join(classes)})")
+    return res

@@ -1,0 +1,157 @@
+"""Training data for the pocket backbone, made offline by this code: captioned procedural scenes and augmented
+crops of scikit-image's bundled public-domain / CC0 photos.
+
+Every batch is a pure function of (seed, step), so training can stop and resume anywhere and reproduce the
+same data. The held-out subjects (chelsea the cat, the coffee cup) never appear in training: their crops
+are the "photos of a subject" that personalization tests and demos protect. No LFW faces (their photos carry
+no licence to redistribute derived weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 40),
+    "white": (245, 245, 245), "black": (15, 15, 15), "orange": (245, 140, 20), "purple": (140, 40, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = {1: "a", 2: "two", 3: "three"}
+
+# scikit-image's bundled photos with an explicit public-domain / CC0 statement in their docstrings.
+PHOTOS = {
+    "astronaut": "a photo of an astronaut",
+    "camera": "a black and white photo of a man with a camera",
+    "rocket": "a photo of a rocket",
+    "horse": "a drawing of a black horse",
+    "hubble_deep_field": "a photo of galaxies in space",
+    "retina": "a photo of a retina",
+    "brick": "a black and white photo of a brick wall",
+    "grass": "a black and white photo of grass",
+    "gravel": "a black and white photo of gravel",
+    "coins": "a black and white photo of coins",
+    "immunohistochemistry": "a microscope photo of cells",
+    "clock": "a black and white photo of a clock",
+    "text": "a black and white photo of text",
+}
+HELD_OUT = {"chelsea": "a photo of a cat", "coffee": "a photo of a cup of coffee"}
+PHOTO_FRACTION = 0.4
+
+# Caption classes the quality check generates and classifies (chance: 1 in 8).
+CHECK_CLASSES = (
+    "a photo of an astronaut", "a photo of a rocket", "a photo of galaxies in space", "a photo of a retina",
+    "a red circle on a white background", "a blue square on a yellow background",
+    "a green triangle on a black background", "a white circle on a purple background",
+)
+
+WORDS = sorted({w for c in list(PHOTOS.values()) + list(HELD_OUT.values()) for w in c.split()}
+               | set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COUNTS.values())
+               | {"on", "background", "small", "large", "sks", "photo", "of", "a"})
+
+
+@functools.lru_cache(maxsize=None)
+def photo(name: str) -> np.ndarray:
+    """An RGB uint8 array of a bundled scikit-image photo (grey and binary ones replicated to RGB)."""
+    import skimage.data
+
+    a = getattr(skimage.data, name)()
+    if a.dtype == bool:
+        a = np.where(a, 255, 0).astype(np.uint8)  # the horse: True is the background, so a black horse on white
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+def crop(rng: np.random.Generator, a: np.ndarray, size: int = SIZE, min_scale: float = 0.3) -> np.ndarray:
+    """A random square crop covering min_scale..1 of the short side, maybe mirrored, lightly colour-jittered."""
+    h, w = a.shape[:2]
+    side = int(min(h, w) * rng.uniform(min_scale, 1.0))
+    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    img = Image.fromarray(a[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
+    out = np.asarray(img, dtype=np.float32)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    out = out * rng.uniform(0.9, 1.1) + rng.uniform(-10, 10)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def scene(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, str]:
+    """Coloured shapes on a plain background, with the caption that describes them."""
+    names = list(COLOURS)
+    bg = names[rng.integers(len(names))]
+    fg = names[rng.integers(len(names))]
+    while fg == bg:
+        fg = names[rng.integers(len(names))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    count = int(rng.choice([1, 1, 1, 2, 3]))
+    large = count == 1 and rng.random() < 0.5
+    img = Image.new("RGB", (size, size), COLOURS[bg])
+    draw = ImageDraw.Draw(img)
+    for _ in range(count):
+        r = rng.uniform(0.28, 0.4) * size if large else rng.uniform(0.1, 0.18) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[fg])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[fg])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
+    noun = shape if count == 1 else shape + "s"
+    size_word = ("large " if large else "small ") if count == 1 and rng.random() < 0.5 else ""
+    return np.asarray(img), f"{COUNTS[count]} {size_word}{fg} {noun} on a {bg} background"
+
+
+def batch(seed: int, step: int, n: int, size: int = SIZE, photo_fraction: float = PHOTO_FRACTION) -> tuple[np.ndarray, list[str]]:
+    """n training images [n,size,size,3] uint8 and captions: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    images, captions = [], []
+    names = list(PHOTOS)
+    for _ in range(n):
+        if rng.random() < photo_fraction:
+            name = names[rng.integers(len(names))]
+            images.append(crop(rng, photo(name), size))
+            captions.append(PHOTOS[name])
+        else:
+            img, cap = scene(rng, size)
+            images.append(img)
+            captions.append(cap)
+    return np.stack(images), captions
+
+
+def class_examples(caption: str, n: int, seed: int = 12345, size: int = SIZE) -> np.ndarray:
+    """n real images of one check class (photo crops, or scenes drawn until n match the caption)."""
+    rng = np.random.default_rng([seed, zlib.crc32(caption.encode())])  # str hash() differs per process
+    for name, cap in {**PHOTOS, **HELD_OUT}.items():
+        if cap == caption:
+            return np.stack([crop(rng, photo(name), size) for _ in range(n)])
+    words = caption.split()
+    fg, shape, bg = words[1], words[2], words[-2]
+    out = []
+    while len(out) < n:  # one large or small shape of these colours
+        img = Image.new("RGB", (size, size), COLOURS[bg])
+        r = rng.uniform(0.1, 0.4) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        draw = ImageDraw.Draw(img)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[fg])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[fg])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def subject_views(name: str, n: int, seed: int, size: int = SIZE, min_scale: float = 0.6) -> np.ndarray:
+    """n augmented views of a held-out subject (training never sees them)."""
+    if name not in HELD_OUT:
+        raise ValueError(f"{name!r} is not a held-out subject ({', '.join(HELD_OUT)})")
+    rng = np.random.default_rng([seed, 777])
+    return np.stack([crop(rng, photo(name), size, min_scale=min_scale) for _ in range(n)])
