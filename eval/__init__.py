@@ -1,4 +1,2 @@
-"""Metrics, the grid runner, reports and plots.
-
-Not built yet (issue: Evaluation). ldu.metrics already holds PSNR, SSIM, Linf and RMS.
-"""
+"""Evaluation: metrics (eval.metrics), the grid runner (eval.grid, `python -m eval run CONFIG --out DIR`), reports
+(eval.report), the app's comparison functions (eval.compare) and efficacy experiments (eval.efficacy)."""

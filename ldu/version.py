@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -20,9 +21,9 @@ def code_version() -> str:
                              timeout=5).stdout.strip()
         if not sha:
             return __version__
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
-        return f"{__version__}+g{sha}" + (".dirty" if dirty else "")
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=root, capture_output=True, timeout=10).stdout
+        # an edited tree gets a hash of its diff, so caches keyed by the code version see every edit
+        return f"{__version__}+g{sha}" + (f".dirty{hashlib.sha256(diff).hexdigest()[:8]}" if diff else "")
     except (OSError, subprocess.SubprocessError):
         return __version__
 

@@ -1,9 +1,14 @@
 """Shared fixtures. Everything runs offline on the built-in `tiny` backbone (random weights)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on network retries in tests
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Empty weight caches: "unavailable" metrics behave the same on every machine, whatever it has cached.
+_CACHE = tempfile.mkdtemp(prefix="ldu-test-cache-")
+os.environ["TORCH_HOME"] = os.path.join(_CACHE, "torch")
+os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
 
 import numpy as np
 import pytest

@@ -1,0 +1,260 @@
+"""Metrics for the playground, one registry, each honest about the weights it needs.
+
+Two kinds:
+- imperceptibility, `fn(clean, protected) -> float`: protected vs clean images ([3,H,W] lists, [0,1]).
+- efficacy, `fn(generations, references, prompt) -> float`: generations after an attack vs the subject's clean
+  reference photos (and the prompt they were generated from).
+
+A metric whose pretrained weights are missing raises `MetricUnavailable` with the reason and how to provide the
+weights (a local folder, or the cache file that the library would have downloaded). It never falls back to
+random weights. post_attack_loss, the headline efficacy number, needs an adapter and lives in attacks/; the grid
+runner records it beside these.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ldu import metrics as base
+
+
+class MetricUnavailable(RuntimeError):
+    """The metric's weights or package are missing here; the message says what and how to provide them."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # "imperceptibility" | "efficacy"
+    fn: Callable
+    summary: str
+    # Imperceptibility: is a higher value less visible? Efficacy: does a higher value mean the attack learned the
+    # subject worse (better protection)? None where it depends (CLIP-T).
+    higher_is_better: bool | None = None
+
+
+metrics: dict[str, Metric] = {}
+
+
+def register(m: Metric) -> Metric:
+    metrics[m.name] = m
+    return m
+
+
+def get_metric(name: str) -> Metric:
+    if name not in metrics:
+        raise ValueError(f"unknown metric {name!r} (known: {', '.join(sorted(metrics))})")
+    return metrics[name]
+
+
+def measure(name: str, *args) -> float | str:
+    """The metric's value, or the string 'unavailable: <reason>' (never an exception for missing weights)."""
+    try:
+        return float(get_metric(name).fn(*args))
+    except MetricUnavailable as err:
+        return f"unavailable: {err}"
+
+
+def _stack(images) -> torch.Tensor:
+    return torch.stack([im.float().cpu() for im in images])
+
+
+def _hub_checkpoint(filename: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+# ---- imperceptibility: always available ------------------------------------------------------------------
+def psnr(clean, protected) -> float:
+    return sum(base.psnr(c, p) for c, p in zip(clean, protected)) / len(clean)
+
+
+def ssim(clean, protected) -> float:
+    return sum(base.ssim(c, p) for c, p in zip(clean, protected)) / len(clean)
+
+
+def linf(clean, protected) -> float:
+    return max(base.linf(p.float() - c.float()) for c, p in zip(clean, protected))
+
+
+def rms(clean, protected) -> float:
+    return sum(base.rms(p.float() - c.float()) for c, p in zip(clean, protected)) / len(clean)
+
+
+# ---- imperceptibility: pretrained -------------------------------------------------------------------------
+ALEXNET = "alexnet-owt-7be5be79.pth"
+
+
+def lpips_distance(clean, protected) -> float:
+    """LPIPS (Zhang et al. 2018) with the AlexNet backbone: its linear layers ship with the lpips package, the
+    AlexNet weights come from torchvision's cache."""
+    if not _hub_checkpoint(ALEXNET).exists():
+        raise MetricUnavailable(f"LPIPS needs torchvision's AlexNet weights: put {ALEXNET} in {_hub_checkpoint(ALEXNET).parent} "
+                                "(torchvision.models.alexnet(weights='DEFAULT') downloads it on a machine with access)")
+    import lpips
+
+    model = _cached("lpips", lambda: lpips.LPIPS(net="alex", verbose=False).eval())
+    with torch.no_grad():
+        out = [float(model(c[None] * 2 - 1, p[None] * 2 - 1)) for c, p in zip(clean, protected)]
+    return sum(out) / len(out)
+
+
+INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def _inception_available() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise MetricUnavailable("FID/KID need the torch-fidelity package (pip install torch-fidelity) and its Inception weights")
+    if not _hub_checkpoint(INCEPTION).exists():
+        raise MetricUnavailable(f"FID/KID need torch-fidelity's Inception weights: put {INCEPTION} in "
+                                f"{_hub_checkpoint(INCEPTION).parent} (torch-fidelity downloads it on first use with network)")
+
+
+def _uint8(images) -> torch.Tensor:
+    return (_stack(images).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def kid(a, b) -> float:
+    """Kernel Inception Distance between two image sets (preferred to FID for 4-16 images)."""
+    _inception_available()
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(a), len(b))
+    if n < 2:
+        raise MetricUnavailable("KID needs at least 2 images per set")
+    m = KernelInceptionDistance(subset_size=n, subsets=10, reset_real_features=True)
+    m.update(_uint8(a), real=True)
+    m.update(_uint8(b), real=False)
+    return float(m.compute()[0])
+
+
+def fid(a, b) -> float:
+    _inception_available()
+    if min(len(a), len(b)) < 2:
+        raise MetricUnavailable("FID needs at least 2 images per set")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    m = FrechetInceptionDistance(feature=2048)
+    m.update(_uint8(a), real=True)
+    m.update(_uint8(b), real=False)
+    return float(m.compute())
+
+
+# ---- efficacy -------------------------------------------------------------------------------------------
+def thumb_distance(generations, references, prompt=None) -> float:
+    """Weight-free and crude: L2 distance of 8x8 colour thumbnails of the generations to the references' mean.
+    Lower = more like the subject. A stand-in where CLIP/DINO weights are missing, not a replacement."""
+    g = F.adaptive_avg_pool2d(_stack(generations), 8).flatten(1)
+    r = F.adaptive_avg_pool2d(_stack(references), 8).flatten(1).mean(0)
+    return float((g - r).norm(dim=1).mean())
+
+
+def _local_model(env: str, hub_id: str, loader):
+    """A model from $env (a local folder) or from the Hugging Face cache, never downloaded here."""
+    source = os.environ.get(env) or hub_id
+    try:
+        return _cached(source, lambda: loader(source))
+    except Exception as err:  # noqa: BLE001  (missing files show up as OSError, ValueError, ... depending on the library)
+        raise MetricUnavailable(f"needs {hub_id} (set {env} to a local folder of it, or cache it with "
+                                f"`huggingface-cli download {hub_id}` on a machine with access): {type(err).__name__}") from None
+
+
+CLIP_ID, DINO_ID = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
+
+
+def _clip():
+    from transformers import CLIPModel, CLIPProcessor
+
+    return _local_model("LDU_CLIP_MODEL", CLIP_ID, lambda s: (CLIPModel.from_pretrained(s, local_files_only=True).eval(),
+                                                               CLIPProcessor.from_pretrained(s, local_files_only=True)))
+
+
+def _embedding(out) -> torch.Tensor:
+    """transformers 5's get_*_features return a ModelOutput whose pooler_output is the projected embedding."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def _clip_image_features(images):
+    model, proc = _clip()
+    pixels = proc(images=[im.clamp(0, 1) for im in images], return_tensors="pt", do_rescale=False)["pixel_values"]
+    return F.normalize(_embedding(model.get_image_features(pixel_values=pixels)), dim=-1)
+
+
+def clip_i(generations, references, prompt=None) -> float:
+    """Mean cosine similarity of CLIP image embeddings, generations vs references (DreamBooth's CLIP-I)."""
+    return float((_clip_image_features(generations) @ _clip_image_features(references).T).mean())
+
+
+@torch.no_grad()
+def clip_t(generations, references, prompt=None) -> float:
+    """Mean cosine similarity of CLIP embeddings of the generations and of their prompt (DreamBooth's CLIP-T)."""
+    if not prompt:
+        raise MetricUnavailable("CLIP-T needs the generation prompt")
+    model, proc = _clip()
+    text = proc(text=[prompt], return_tensors="pt", padding=True, truncation=True)
+    t = F.normalize(_embedding(model.get_text_features(**text)), dim=-1)
+    return float((_clip_image_features(generations) @ t.T).mean())
+
+
+@torch.no_grad()
+def dino(generations, references, prompt=None) -> float:
+    """Mean cosine similarity of DINO ViT-S/16 CLS embeddings, generations vs references (DreamBooth's DINO)."""
+    from transformers import AutoImageProcessor, ViTModel
+
+    model, proc = _local_model("LDU_DINO_MODEL", DINO_ID, lambda s: (ViTModel.from_pretrained(s, local_files_only=True).eval(),
+                                                                     AutoImageProcessor.from_pretrained(s, local_files_only=True)))
+
+    def embed(images):
+        pixels = proc(images=[im.clamp(0, 1) for im in images], return_tensors="pt", do_rescale=False)["pixel_values"]
+        return F.normalize(model(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)
+
+    return float((embed(generations) @ embed(references).T).mean())
+
+
+@torch.no_grad()
+def clip_iqa(generations, references=None, prompt=None) -> float:
+    """CLIP-IQA (Wang et al. 2023): how much CLIP prefers "Good photo." to "Bad photo." for the generations."""
+    model, proc = _clip()
+    text = proc(text=["Good photo.", "Bad photo."], return_tensors="pt", padding=True, truncation=True)
+    t = F.normalize(_embedding(model.get_text_features(**text)), dim=-1)
+    probs = (100 * _clip_image_features(generations) @ t.T).softmax(-1)
+    return float(probs[:, 0].mean())
+
+
+def kid_generations(generations, references, prompt=None) -> float:
+    return kid(references, generations)
+
+
+_MODELS: dict = {}
+
+
+def _cached(key, make):
+    if key not in _MODELS:
+        _MODELS[key] = make()
+    return _MODELS[key]
+
+
+for _m in (
+    Metric("psnr", "imperceptibility", psnr, "PSNR in dB, protected vs clean (torchmetrics-equivalent, fp32)", True),
+    Metric("ssim", "imperceptibility", ssim, "SSIM, protected vs clean (torchmetrics)", True),
+    Metric("linf", "imperceptibility", linf, "largest pixel change, [0,1] units", False),
+    Metric("rms", "imperceptibility", rms, "RMS pixel change per image, [0,1] units", False),
+    Metric("lpips", "imperceptibility", lpips_distance, "LPIPS (AlexNet), protected vs clean", False),
+    Metric("kid", "imperceptibility", kid, "KID between the clean and protected sets (Inception)", False),
+    Metric("fid", "imperceptibility", fid, "FID between the clean and protected sets (Inception; noisy below ~50 images)", False),
+    Metric("thumb_distance", "efficacy", thumb_distance, "8x8 colour-thumbnail distance of generations to the subject (weight-free, crude)", True),
+    Metric("clip_i", "efficacy", clip_i, "CLIP-I: image-image similarity of generations to the subject", False),
+    Metric("clip_t", "efficacy", clip_t, "CLIP-T: prompt fidelity of the generations", None),
+    Metric("dino", "efficacy", dino, "DINO similarity of generations to the subject", False),
+    Metric("clip_iqa", "efficacy", clip_iqa, "CLIP-IQA quality of the generations", False),
+    Metric("kid_generations", "efficacy", kid_generations, "KID between generations and the subject's photos", True),
+):
+    register(_m)

@@ -1,0 +1,176 @@
+"""Metrics against independent implementations, honest unavailability, config checking, the grid end to end."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.config import ConfigError, load, parse
+from eval.metrics import measure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def images(seed, n=2, size=48):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=size, mode="bilinear")
+    return [im for im in base]
+
+
+def test_psnr_and_ssim_match_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    clean = images(0)
+    noisy = [(c + 0.03 * torch.randn(c.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1) for c in clean]
+    ours_psnr, ours_ssim = measure("psnr", clean, noisy), measure("ssim", clean, noisy)
+    ref_psnr = np.mean([peak_signal_noise_ratio(c.numpy(), n.numpy(), data_range=1.0) for c, n in zip(clean, noisy)])
+
+
+    def padded(t):  # torchmetrics keeps the border (reflect-padded by the window radius 5); scikit-image crops it
+        return np.pad(t.permute(1, 2, 0).numpy().astype(np.float64), ((5, 5), (5, 5), (0, 0)), mode="reflect")
+
+    ref_ssim = np.mean([structural_similarity(padded(c), padded(n), data_range=1.0, channel_axis=2, gaussian_weights=True,
+                                              sigma=1.5, use_sample_covariance=False) for c, n in zip(clean, noisy)])
+    assert abs(ours_psnr - ref_psnr) < 1e-4
+    assert abs(ours_ssim - ref_ssim) < 1e-5
+    assert measure("linf", clean, noisy) == pytest.approx(max(float((n - c).abs().max()) for c, n in zip(clean, noisy)))
+
+
+@pytest.mark.parametrize("name", ["lpips", "clip_i", "dino", "clip_iqa", "kid_generations"])
+def test_metrics_without_weights_say_unavailable_and_how_to_fix_it(name, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty weights cache
+    monkeypatch.delenv("LDU_CLIP_MODEL", raising=False)
+    monkeypatch.delenv("LDU_DINO_MODEL", raising=False)
+    from eval.metrics import metrics
+
+    prompt = ("a photo of sks person",) if metrics[name].kind == "efficacy" else ()
+    value = measure(name, images(0), images(1), *prompt)
+    assert isinstance(value, str) and value.startswith("unavailable: ")
+    assert any(word in value for word in ("put ", "set ", "pip install"))
+
+
+def test_thumb_distance_is_smaller_for_the_subject_itself():
+    subject, other = images(0, n=4), images(5, n=4)
+    assert measure("thumb_distance", subject, subject) < measure("thumb_distance", other, subject)
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_bad_configs_name_every_problem_by_key(tmp_path):
+    raw = {"image_sets": {"a": {"folder": str(tmp_path / "missing")}, "b": {"pocket_subject": "dog"}},
+           "methods": ["ldu", {"name": "nope"}, {"name": "advdm", "params": {"bogus": 1}}],
+           "attacks": [{"name": "lora_dreambooth", "params": {"steps": 0}}], "purifications": ["bleach"],
+           "metrics": ["psnr", "vibes"], "seeds": "zero", "colour": 1, "generate": {"n": "four"}}
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, raw))
+    text = str(err.value)
+    for key in ("image_sets.a.folder", "image_sets.b.pocket_subject", "methods[1].name", "methods[2].params",
+                "attacks[0].params", "purifications[0].name", "metrics[1]", "seeds", "colour", "generate.n"):
+        assert key in text, key
+
+
+def test_cli_fails_before_any_work_on_a_bad_config(tmp_path):
+    path = write(tmp_path, {"image_sets": {"a": {"pocket_subject": "chelsea"}}, "methods": ["nope"]})
+    proc = subprocess.run([sys.executable, "-m", "eval", "run", str(path), "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "methods[0].name: unknown method 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_paper_protocol_is_valid_apart_from_its_data_folders():
+    with pytest.raises(ConfigError) as err:
+        load(ROOT / "configs" / "paper-protocol.yaml")
+    assert all("no such folder" in p for p in err.value.problems), err.value.problems
+
+
+def test_example_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
+    from eval.grid import cells, run
+
+    cfg = load(ROOT / "configs" / "example-tiny.yaml")
+    report = run(cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == len(cells(cfg)) == 10 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    for name in ("summary.csv", "report.html", "plot_psnr_vs_efficacy.png", "plot_purification.png"):
+        assert (tmp_path / name).exists(), name
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    ldu = next(r for r in rows if r["method"].startswith("ldu") and r["purification"] == "none")
+    assert ldu["seeds"] == "2" and ldu["efficacy_std"] != "" and float(ldu["psnr_mean"]) > 20
+    assert ldu["lpips_mean"].startswith("unavailable: ") and ldu["clip_i_mean"].startswith("unavailable: ")
+    html = report.read_text()
+    assert "diff_0.png" in html and "Efficacy" in html
+
+    import attacks
+
+    monkeypatch.setattr(attacks, "train", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    run(cfg, tmp_path, progress=False)  # everything cached: nothing trains
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    import attacks
+    from eval.grid import run
+
+    cfg = parse({"image_sets": {"cat": {"pocket_subject": "chelsea", "train": 2, "held_out": 2}}, "protect_backbone": "tiny",
+                 "methods": [{"name": "ldu", "params": {"iterations": 1}}], "attacks": [{"name": "lora_dreambooth", "params": {"steps": 1}}],
+                 "generate": {"n": 1, "steps": 1}, "metrics": ["psnr"], "seeds": [0]})
+    real = attacks.train
+    calls = []
+
+    def flaky(bb, images, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated out of memory")
+        return real(bb, images, *a, **k)
+
+    monkeypatch.setattr(attacks, "train", flaky)
+    run(cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records].count("error") == 1 and [r["status"] for r in records].count("ok") == 1
+    assert "simulated out of memory" in next(r for r in records if r["status"] == "error")["error"]
+    assert "Failed cells" in (tmp_path / "report.html").read_text()
+
+
+def test_two_processes_shard_the_grid_and_merge(tmp_path):
+    path = write(tmp_path, {"image_sets": {"cat": {"pocket_subject": "chelsea", "train": 2, "held_out": 2}},
+                            "protect_backbone": "tiny", "methods": [{"name": "ldu", "params": {"iterations": 1}}],
+                            "attacks": [{"name": "lora_dreambooth", "params": {"steps": 1}}],
+                            "generate": {"n": 1, "steps": 1}, "metrics": ["psnr"], "seeds": [0, 1]})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    proc = subprocess.run([*torchrun, "-m", "eval", "run", str(path), "--out", str(tmp_path / "o"), "--quiet"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shards = [tmp_path / "o" / f"results-rank{r}.jsonl" for r in (0, 1)]
+    assert all(s.exists() and s.read_text().strip() for s in shards)
+    merged = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert len(merged) == 4 and {r["rank"] for r in merged} == {0, 1} and all(r["status"] == "ok" for r in merged)
+    assert (tmp_path / "o" / "summary.csv").exists()
+
+
+def test_example_pocket_config_runs_end_to_end_at_small_sizes(tmp_path):
+    """The shipped pocket config, shrunk (one seed, few steps, no DiffPure) so it fits the test suite."""
+    import yaml
+
+    from eval.grid import cells, run
+
+    raw = yaml.safe_load((ROOT / "configs" / "example-pocket.yaml").read_text())
+    raw["image_sets"]["cat"].update(train=2, held_out=2)
+    for m in raw["methods"]:
+        m.setdefault("params", {})["iterations"] = 2
+    raw["purifications"] = raw["purifications"][:2]
+    raw["attacks"][0]["params"]["steps"] = 3
+    raw.update(seeds=[0], generate={"n": 1, "steps": 3, "guidance": 4.0})
+    cfg = parse(raw)
+    run(cfg, tmp_path, progress=False)  # 3 methods x 2 purifications, and the unprotected reference cell
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == len(cells(cfg)) == 7 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert (tmp_path / "report.html").exists()
