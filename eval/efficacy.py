@@ -49,7 +49,8 @@ def subject_sets(subject: str, seed: int, n_train: int = 4, n_held: int = 8):
 
 
 def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: int = 300, prompt: str = SUBJECT_PROMPT,
-                    attack_params: dict | None = None, n_gen: int = 8, guidance: float = 4.0) -> dict:
+                    attack_params: dict | None = None, n_gen: int = 8, guidance: float = 4.0,
+                    attack: str = "lora_dreambooth") -> tuple[dict, torch.Tensor]:
     from attacks import generate, post_attack_loss, train
     from ldu import make_draws
 
@@ -57,7 +58,7 @@ def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: 
     for seed in seeds:
         views, held = subject_sets(subject, seed)
         draws = make_draws(16, len(held), backbone.latent_shape(), backbone.num_train_timesteps, seed=1000 + seed)
-        adapter = train(backbone, views, "lora_dreambooth",
+        adapter = train(backbone, views, attack,
                         {"steps": steps, "instance_prompt": prompt, "seed": seed, **(attack_params or {})})
         target = thumbnails(held)
         gen_seeds = [10_000 * seed + i for i in range(n_gen)]
@@ -85,7 +86,8 @@ def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: 
 
 
 def protection(backbone, method: str, method_params: dict | None = None, subject: str = "chelsea", seeds=(0, 1, 2),
-               steps: int = 300, prompt: str = SUBJECT_PROMPT, attack_params: dict | None = None) -> dict:
+               steps: int = 300, prompt: str = SUBJECT_PROMPT, attack_params: dict | None = None,
+               attack: str = "lora_dreambooth") -> dict:
     from attacks import post_attack_loss, train
     from ldu import attacker_loss, get_method, make_draws, protect
 
@@ -110,9 +112,9 @@ def protection(backbone, method: str, method_params: dict | None = None, subject
                 clean_sets.append(float(attacker_loss(backbone, x, cond, d, max_batch=64)))
                 prot_sets.append(float(attacker_loss(backbone, xp, cond, d, max_batch=64)))
         draws = make_draws(16, len(held), backbone.latent_shape(), backbone.num_train_timesteps, seed=1000 + seed)
-        attack = {"steps": steps, "instance_prompt": prompt, "seed": seed, **(attack_params or {})}
-        on_clean = train(backbone, views, "lora_dreambooth", attack)
-        on_protected = train(backbone, result.images, "lora_dreambooth", attack)
+        a = {"steps": steps, "instance_prompt": prompt, "seed": seed, **(attack_params or {})}
+        on_clean = train(backbone, views, attack, a)
+        on_protected = train(backbone, result.images, attack, a)
         rows.append({
             "attacker_loss_clean": statistics.fmean(clean_sets),
             "attacker_loss_protected": statistics.fmean(prot_sets),
@@ -138,16 +140,27 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="pocket")
     ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none'")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=300, help="LoRA attack steps")
+    ap.add_argument("--steps", type=int, default=300, help="attack steps")
+    ap.add_argument("--attack", default="lora_dreambooth", help="lora_dreambooth, dreambooth or textual_inversion")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="an attack parameter (repeatable)")
     ap.add_argument("--subject", default="chelsea")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     ap.add_argument("--skip-personalization", action="store_true")
     args = ap.parse_args(argv)
+    from attacks import get_attack
+    from ldu.cli import parse_sets
+
+    try:  # bad names and values fail here, before any work
+        attack_params = parse_sets(args.set, get_attack(args.attack).params)
+    except ValueError as err:
+        ap.error(str(err))
     bb = load_backbone(args.model)
     seeds = tuple(range(args.seeds))
-    report = {"model": bb.spec, "revision": bb.revision, "subject": args.subject, "seeds": list(seeds), "steps": args.steps}
+    report = {"model": bb.spec, "revision": bb.revision, "subject": args.subject, "seeds": list(seeds), "steps": args.steps,
+              "attack": args.attack, "attack_params": attack_params}
     if not args.skip_personalization:
-        report["personalization"], picture = personalization(bb, args.subject, seeds, args.steps)
+        report["personalization"], picture = personalization(bb, args.subject, seeds, args.steps, attack_params=attack_params,
+                                                                   attack=args.attack)
         if args.out:  # rows: held-out views, base model, adapted model ("a photo of sks ..."), first seed
             from ldu.protect import to_pil
 
@@ -157,7 +170,8 @@ def main(argv=None) -> int:
             print(f"  {k:<28} {v['mean']:.4f} ± {v['std']:.4f}")
     for name in [] if args.methods == "none" else args.methods.split(","):
         methods[name]  # noqa: B018  (unknown names fail here, before any work)
-        report.setdefault("protection", {})[name] = r = protection(bb, name, None, args.subject, seeds, args.steps)
+        report.setdefault("protection", {})[name] = r = protection(bb, name, None, args.subject, seeds, args.steps,
+                                                                        attack_params=attack_params, attack=args.attack)
         print(f"protection: {name}")
         for k, v in r.items():
             print(f"  {k:<34} {v['mean']:.4f} ± {v['std']:.4f}")

@@ -174,3 +174,23 @@ def test_example_pocket_config_runs_end_to_end_at_small_sizes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(records) == len(cells(cfg)) == 7 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     assert (tmp_path / "report.html").exists()
+
+
+def test_efficacy_experiments_run_and_report_spreads_over_seeds(tiny):
+    """eval.efficacy's two experiments on tiny (numbers meaningless there): every value is a mean/std over seeds."""
+    from eval.efficacy import personalization, protection
+
+    pers, picture = personalization(tiny, seeds=(0, 1), steps=2, n_gen=1)
+    assert picture.shape[0] == 3 and set(pers) >= {"post_attack_loss_base", "post_attack_loss_adapted", "moved_other_prompts"}
+    prot = protection(tiny, "pid", {"iterations": 1}, seeds=(0, 1), steps=2)
+    for r in (pers, prot):
+        assert all(len(v["values"]) == 2 and np.isfinite(v["mean"]) and v["std"] >= 0 for v in r.values())
+    assert prot["linf_255"]["mean"] <= 8 + 1e-4 and "attacker_loss_gain_draw_noise" in prot
+
+
+def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
+    from eval.efficacy import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "tiny", "--set", "nope=1"])
+    assert err.value.code == 2 and "nope" in capsys.readouterr().err
