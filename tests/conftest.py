@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline on the built-in `tiny` backbone (random weights)."""
 
 import os
+import socket
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on network retries in tests
@@ -37,3 +38,20 @@ def rgb(h, w, seed=0, mode="RGB"):
     small = rng.random((max(2, h // 8), max(2, w // 8), 3))
     img = Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
     return img.convert(mode)
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """The Gradio app on 127.0.0.1 with the tiny backbone, launched once for the API and browser tests."""
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
+    os.environ["LDU_MODELS"] = "tiny"
+    import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.build().queue(max_size=16)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size=app.MAX_FILE_SIZE)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    os.environ.pop("LDU_MODELS", None)

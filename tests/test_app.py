@@ -2,33 +2,12 @@
 
 import hashlib
 import os
-import socket
 import threading
 import time
 
 import pytest
 
 from conftest import rgb
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
-    os.environ["LDU_MODELS"] = "tiny"
-    import app
-
-    demo = app.build().queue(max_size=16)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size=app.MAX_FILE_SIZE)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    os.environ.pop("LDU_MODELS", None)
 
 
 def client(url):
@@ -55,10 +34,10 @@ def expected_sha(path, tmp_path, tiny, **params):
     return sha(save_png(r.images[0], r.sources[0], tmp_path / f"ref-{path.stem}.png"))
 
 
-def test_download_is_bit_identical_to_protect(server, tmp_path, tiny):
+def test_download_is_bit_identical_to_protect(app_url, tmp_path, tiny):
     src = tmp_path / "subject.png"
     rgb(70, 90, seed=11).save(src)
-    gallery, slider, diff, table, downloads, summary = client(server).predict(*protect_args([src]), api_name="/protect")
+    gallery, slider, diff, table, downloads, summary = client(app_url).predict(*protect_args([src]), api_name="/protect")
     assert "random weights" in summary
     pngs = [d for d in downloads if str(d).endswith(".png")]
     assert sha(pngs[0]) == expected_sha(src, tmp_path, tiny)
@@ -66,7 +45,7 @@ def test_download_is_bit_identical_to_protect(server, tmp_path, tiny):
     assert table["data"][0][0] == "subject.png" and str(table["data"][0][3]).startswith("unavailable")
 
 
-def test_two_sessions_at_once_never_see_each_other(server, tmp_path, tiny):
+def test_two_sessions_at_once_never_see_each_other(app_url, tmp_path, tiny):
     paths = []
     for i in range(2):
         paths.append(tmp_path / f"person{i}.png")
@@ -74,7 +53,7 @@ def test_two_sessions_at_once_never_see_each_other(server, tmp_path, tiny):
     results = {}
 
     def work(i):
-        results[i] = client(server).predict(*protect_args([paths[i]]), api_name="/protect")
+        results[i] = client(app_url).predict(*protect_args([paths[i]]), api_name="/protect")
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
@@ -88,10 +67,10 @@ def test_two_sessions_at_once_never_see_each_other(server, tmp_path, tiny):
         assert sha(pngs[0]) == expected_sha(paths[i], tmp_path, tiny)
 
 
-def test_stop_really_stops_and_the_next_job_starts_promptly(server, tmp_path):
+def test_stop_really_stops_and_the_next_job_starts_promptly(app_url, tmp_path):
     src = tmp_path / "long.png"
     rgb(64, 64).save(src)
-    c = client(server)
+    c = client(app_url)
     job = c.submit(*protect_args([src], iterations=200), api_name="/protect")
     time.sleep(6)  # let it start and run a few steps
     t0 = time.time()
@@ -104,10 +83,10 @@ def test_stop_really_stops_and_the_next_job_starts_promptly(server, tmp_path):
     assert result[4] and time.time() - t1 < 60
 
 
-def test_bad_input_is_a_message_and_the_app_keeps_serving(server, tmp_path):
+def test_bad_input_is_a_message_and_the_app_keeps_serving(app_url, tmp_path):
     from gradio_client import handle_file
 
-    c = client(server)
+    c = client(app_url)
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     with pytest.raises(Exception, match="not an image"):
@@ -129,10 +108,10 @@ def test_bad_input_is_a_message_and_the_app_keeps_serving(server, tmp_path):
     assert c.predict(*protect_args([good], iterations=0), api_name="/protect")[4]
 
 
-def test_attack_tab_trains_on_clean_and_protected(server, tmp_path):
+def test_attack_tab_trains_on_clean_and_protected(app_url, tmp_path):
     from gradio_client import handle_file
 
-    c = client(server)
+    c = client(app_url)
     srcs = []
     for i in range(2):
         srcs.append(tmp_path / f"v{i}.png")

@@ -1,8 +1,6 @@
 """A real browser (Debian's Chromium driven by Playwright) against the app: upload an example, protect, see the
 slider and the metrics, run a short attack, see both generation grids; a screenshot lands in the test's tmp folder."""
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,27 +9,7 @@ CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-browser"))
-    os.environ["LDU_MODELS"] = "tiny"
-    import app
-
-    demo = app.build().queue(max_size=16)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    os.environ.pop("LDU_MODELS", None)
-
-
-def test_protect_then_attack_in_a_real_browser(url, tmp_path):
+def test_protect_then_attack_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is required (.ci/run installs it: apt-get install -y chromium)"
@@ -41,7 +19,7 @@ def test_protect_then_attack_in_a_real_browser(url, tmp_path):
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                                           "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.goto(url)
+        page.goto(app_url)
         page.locator("#uploads input[type=file]").set_input_files([str(p) for p in example])
         expect(page.locator("#estimate")).to_contain_text("Estimate", timeout=60_000)
         page.locator("#protect").click()

@@ -80,6 +80,16 @@ def crop(rng: np.random.Generator, a: np.ndarray, size: int = SIZE, min_scale: f
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def draw_shape(draw, shape: str, fill, r: float, cx: float, cy: float) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def scene(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, str]:
     """Coloured shapes on a plain background, with the caption that describes them."""
     names = list(COLOURS)
@@ -94,14 +104,7 @@ def scene(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, str]:
     draw = ImageDraw.Draw(img)
     for _ in range(count):
         r = rng.uniform(0.28, 0.4) * size if large else rng.uniform(0.1, 0.18) * size
-        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[fg])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[fg])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
+        draw_shape(draw, shape, COLOURS[fg], r, rng.uniform(r, size - r), rng.uniform(r, size - r))
     noun = shape if count == 1 else shape + "s"
     size_word = ("large " if large else "small ") if count == 1 and rng.random() < 0.5 else ""
     return np.asarray(img), f"{COUNTS[count]} {size_word}{fg} {noun} on a {bg} background"
@@ -136,15 +139,7 @@ def class_examples(caption: str, n: int, seed: int = 12345, size: int = SIZE) ->
     while len(out) < n:  # one large or small shape of these colours
         img = Image.new("RGB", (size, size), COLOURS[bg])
         r = rng.uniform(0.1, 0.4) * size
-        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        draw = ImageDraw.Draw(img)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[fg])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[fg])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[fg])
+        draw_shape(ImageDraw.Draw(img), shape, COLOURS[fg], r, rng.uniform(r, size - r), rng.uniform(r, size - r))
         out.append(np.asarray(img))
     return np.stack(out)
 

@@ -105,6 +105,11 @@ def gradient_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 + half the gradient difference: sharp edges without a perceptual network."""
+    return (rec - x).abs().mean() + (rec - x).pow(2).mean() + 0.5 * gradient_difference(rec, x)
+
+
 class Checkpoints:
     """stage-step checkpoints in out/checkpoints: the latest one of a stage resumes it."""
 
@@ -152,7 +157,7 @@ def train_vae(vae, cfg: Config, out: Path, ckpt: Checkpoints, progress) -> None:
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(step))
         rec = vae.decode(z).sample
         kl = post.kl().mean() / z[0].numel()
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 0.5 * gradient_difference(rec, x) + cfg.kl_weight * kl
+        loss = reconstruction_loss(rec, x) + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,7 +295,7 @@ def finetune_decoder(vae, cfg: Config, out: Path, ckpt: Checkpoints, progress) -
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(step))
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 0.5 * gradient_difference(rec, x)
+        loss = reconstruction_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
