@@ -240,7 +240,7 @@ def noisy_upscale(images, p: NoisyUpscaleParams, backbone=None, callback=None):
     if not p.model:
         raise PurificationUnavailable(
             "noisy_upscale needs an upscaler model: set model=<local folder of stabilityai/stable-diffusion-x4-upscaler "
-            "in diffusers layout> (download it on a machine with access: huggingface-cli download ... --local-dir DIR)")
+            "in diffusers layout> (download it on a machine with access: hf download ... --local-dir DIR)")
     from diffusers import StableDiffusionUpscalePipeline
 
     device = backbone.device if backbone is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -163,7 +163,7 @@ def _local_model(env: str, hub_id: str, loader):
         return _cached(source, lambda: loader(source))
     except Exception as err:  # noqa: BLE001  (missing files show up as OSError, ValueError, ... depending on the library)
         raise MetricUnavailable(f"needs {hub_id} (set {env} to a local folder of it, or cache it with "
-                                f"`huggingface-cli download {hub_id}` on a machine with access): {type(err).__name__}") from None
+                                f"`hf download {hub_id}` on a machine with access): {type(err).__name__}") from None
 
 
 CLIP_ID, DINO_ID = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
@@ -233,6 +233,58 @@ def kid_generations(generations, references, prompt=None) -> float:
     return kid(references, generations)
 
 
+# ---- faces (optional extra: facenet-pytorch) --------------------------------------------------------------
+FACENET_WEIGHTS = "20180402-114759-vggface2.pt"
+
+
+def _mtcnn():
+    """facenet-pytorch's MTCNN detector; its P/R/O-Net weights ship inside the package."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError:
+        raise MetricUnavailable("face metrics need facenet-pytorch: pip install facenet-pytorch --no-deps (its pins predate "
+                                "torch 2.14; the code runs with the torch installed here)") from None
+    return _cached("mtcnn", lambda: MTCNN(image_size=160, margin=0, post_process=True, select_largest=True, device="cpu"))
+
+
+def _faces(images) -> list[torch.Tensor | None]:
+    """The largest face of each image as a 160x160 whitened crop, or None where MTCNN finds none."""
+    from PIL import Image
+
+    mtcnn = _mtcnn()
+    pil = [Image.fromarray((im.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()) for im in images]
+    return [mtcnn(p) for p in pil]
+
+
+def face_detection_failure(generations, references=None, prompt=None) -> float:
+    """FDFR (Anti-DreamBooth): the fraction of generations in which the face detector finds no face (MTCNN here,
+    RetinaFace there). Higher = the attack made worse faces."""
+    return sum(f is None for f in _faces(generations)) / len(generations)
+
+
+@torch.no_grad()
+def face_similarity(generations, references, prompt=None) -> float:
+    """ISM (Anti-DreamBooth): mean cosine similarity of FaceNet (VGGFace2) embeddings of the faces found in the
+    generations to the mean embedding of the references' faces (ArcFace there). Lower = less like the subject."""
+    torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    path = Path(torch_home).expanduser() / "checkpoints" / FACENET_WEIGHTS  # where facenet-pytorch looks
+    _mtcnn()
+    if not path.exists():
+        raise MetricUnavailable(f"face similarity needs FaceNet's VGGFace2 weights: put {FACENET_WEIGHTS} in {path.parent} "
+                                "(facenet-pytorch downloads it on first use with network)")
+    from facenet_pytorch import InceptionResnetV1
+
+    model = _cached("facenet", lambda: InceptionResnetV1(pretrained="vggface2").eval())
+    refs = [f for f in _faces(references) if f is not None]
+    gens = [f for f in _faces(generations) if f is not None]
+    if not refs:
+        raise MetricUnavailable("no face found in the reference photos")
+    if not gens:
+        raise MetricUnavailable("no face found in any generation (see face_detection_failure)")
+    r = F.normalize(F.normalize(model(torch.stack(refs)), dim=-1).mean(0), dim=-1)
+    return float((F.normalize(model(torch.stack(gens)), dim=-1) @ r).mean())
+
+
 _MODELS: dict = {}
 
 
@@ -256,5 +308,7 @@ for _m in (
     Metric("dino", "efficacy", dino, "DINO similarity of generations to the subject", False),
     Metric("clip_iqa", "efficacy", clip_iqa, "CLIP-IQA quality of the generations", False),
     Metric("kid_generations", "efficacy", kid_generations, "KID between generations and the subject's photos", True),
+    Metric("face_similarity", "efficacy", face_similarity, "ISM: FaceNet similarity of generated faces to the subject's", False),
+    Metric("face_detection_failure", "efficacy", face_detection_failure, "FDFR: fraction of generations with no face (MTCNN)", True),
 ):
     register(_m)

@@ -299,7 +299,7 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str, str]:
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise BackboneError(
                 f"could not load '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: {reason}). "
-                f"On a machine with access run `huggingface-cli download {repo_id} --local-dir DIR` and pass "
+                f"On a machine with access run `hf download {repo_id} --local-dir DIR` and pass "
                 "--model DIR, or use a built-in offline backbone: --model pocket (trained miniature) or --model tiny."
             ) from None
     path = Path(folder)

@@ -42,7 +42,7 @@ def test_psnr_and_ssim_match_scikit_image():
     assert measure("linf", clean, noisy) == pytest.approx(max(float((n - c).abs().max()) for c, n in zip(clean, noisy)))
 
 
-@pytest.mark.parametrize("name", ["lpips", "clip_i", "dino", "clip_iqa", "kid_generations"])
+@pytest.mark.parametrize("name", ["lpips", "clip_i", "dino", "clip_iqa", "kid_generations", "face_similarity"])
 def test_metrics_without_weights_say_unavailable_and_how_to_fix_it(name, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty weights cache
     monkeypatch.delenv("LDU_CLIP_MODEL", raising=False)
@@ -53,6 +53,21 @@ def test_metrics_without_weights_say_unavailable_and_how_to_fix_it(name, monkeyp
     value = measure(name, images(0), images(1), *prompt)
     assert isinstance(value, str) and value.startswith("unavailable: ")
     assert any(word in value for word in ("put ", "set ", "pip install"))
+
+
+def test_face_detection_failure_with_the_optional_face_model(photos):
+    """With facenet-pytorch installed (its MTCNN weights ship in the package) the astronaut's face is found and a
+    flat grey image has none; without it the metric says how to install it."""
+    import importlib.util
+
+    from torchvision.transforms.functional import pil_to_tensor
+
+    astronaut = pil_to_tensor(photos[0]).float() / 255
+    value = measure("face_detection_failure", [astronaut, torch.full_like(astronaut, 0.5)], None, None)
+    if importlib.util.find_spec("facenet_pytorch") is None:
+        assert isinstance(value, str) and "pip install facenet-pytorch" in value
+    else:
+        assert value == 0.5
 
 
 def test_thumb_distance_is_smaller_for_the_subject_itself():
@@ -194,3 +209,32 @@ def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
     with pytest.raises(SystemExit) as err:
         main(["--model", "tiny", "--set", "nope=1"])
     assert err.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_face_similarity_code_path_with_random_weights(photos, tmp_path, monkeypatch):
+    """Random FaceNet weights (never reported as real): only the plumbing is checked, with a property that holds for
+    any weights: a face compared with itself has similarity 1."""
+    facenet = pytest.importorskip("facenet_pytorch")
+    import eval.metrics as em
+    from torchvision.transforms.functional import pil_to_tensor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    state = {**facenet.InceptionResnetV1().state_dict(), "logits.weight": torch.zeros(8631, 512), "logits.bias": torch.zeros(8631)}
+    torch.save(state, tmp_path / "checkpoints" / em.FACENET_WEIGHTS)  # the VGGFace2 file's layout, random values
+    monkeypatch.setattr(em, "_MODELS", {})
+    astronaut = pil_to_tensor(photos[0]).float() / 255
+    assert measure("face_similarity", [astronaut], [astronaut]) == pytest.approx(1.0, abs=1e-5)
+    assert measure("face_similarity", [torch.full_like(astronaut, 0.5)], [astronaut]).startswith("unavailable: no face")
+
+
+def test_metrics_listing_says_what_is_available_here(capsys):
+    from eval.__main__ import main
+
+    assert main(["metrics"]) == 0
+    out = capsys.readouterr().out
+    from eval.metrics import metrics
+
+    for name in metrics:
+        assert name in out
+    assert out.count("available") >= len(metrics) and "unavailable: " in out  # tests run with empty weight caches
