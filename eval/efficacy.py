@@ -50,7 +50,7 @@ def subject_sets(subject: str, seed: int, n_train: int = 4, n_held: int = 8):
 
 def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: int = 300, prompt: str = SUBJECT_PROMPT,
                     attack_params: dict | None = None, n_gen: int = 8, guidance: float = 4.0,
-                    attack: str = "lora_dreambooth") -> tuple[dict, torch.Tensor]:
+                    attack: str = "lora_dreambooth", gen_steps: int = 25) -> tuple[dict, torch.Tensor]:
     from attacks import generate, post_attack_loss, train
     from ldu import make_draws
 
@@ -62,12 +62,12 @@ def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: 
                         {"steps": steps, "instance_prompt": prompt, "seed": seed, **(attack_params or {})})
         target = thumbnails(held)
         gen_seeds = [10_000 * seed + i for i in range(n_gen)]
-        base_gen = generate(backbone, None, [prompt] * n_gen, gen_seeds, guidance=guidance)
-        adapted_gen = generate(backbone, adapter, [prompt] * n_gen, gen_seeds, guidance=guidance)
+        base_gen = generate(backbone, None, [prompt] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
+        adapted_gen = generate(backbone, adapter, [prompt] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
         moved_other = []
         for other in OTHER_PROMPTS:
-            b = generate(backbone, None, [other] * n_gen, gen_seeds, guidance=guidance)
-            a = generate(backbone, adapter, [other] * n_gen, gen_seeds, guidance=guidance)
+            b = generate(backbone, None, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
+            a = generate(backbone, adapter, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
             moved_other.append(float((torch.stack(a) - torch.stack(b)).abs().mean()))
         rows.append({
             "post_attack_loss_base": float(post_attack_loss(backbone, None, held, draws, prompt=prompt)),

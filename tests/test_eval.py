@@ -195,7 +195,7 @@ def test_efficacy_experiments_run_and_report_spreads_over_seeds(tiny):
     """eval.efficacy's two experiments on tiny (numbers meaningless there): every value is a mean/std over seeds."""
     from eval.efficacy import personalization, protection
 
-    pers, picture = personalization(tiny, seeds=(0, 1), steps=2, n_gen=1)
+    pers, picture = personalization(tiny, seeds=(0, 1), steps=2, n_gen=1, gen_steps=2)
     assert picture.shape[0] == 3 and set(pers) >= {"post_attack_loss_base", "post_attack_loss_adapted", "moved_other_prompts"}
     prot = protection(tiny, "pid", {"iterations": 1}, seeds=(0, 1), steps=2)
     for r in (pers, prot):
