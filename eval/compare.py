@@ -55,17 +55,14 @@ def survives_posting(backbone, clean, protected, prompt: str, quality: int = 85,
     """Attacker loss (16 fixed draws) on clean and protected photos, before and after JPEG(quality) + resize(scale)."""
     from attacks import purify
     from ldu import attacker_loss, make_draws
-    from ldu.protect import _resize
-
-    def working(images):
-        return torch.stack([_resize(im[None].float(), (backbone.resolution,) * 2)[0] for im in images]).clamp(0, 1).to(backbone.device)
+    from ldu.protect import to_working
 
     def posted(images):
         return purify(purify(images, "resize", {"factor": scale}), "jpeg", {"quality": quality})
 
     cond = backbone.encode_prompt(prompt)
     draws = make_draws(16, len(clean), backbone.latent_shape(), backbone.num_train_timesteps, seed=seed + 4242)
-    loss = {name: float(attacker_loss(backbone, working(images), cond, draws, max_batch=32))
+    loss = {name: float(attacker_loss(backbone, to_working([im.float() for im in images], backbone), cond, draws, max_batch=32))
             for name, images in (("clean", clean), ("protected", protected), ("clean_posted", posted(clean)),
                                  ("protected_posted", posted(protected)))}
     loss["gain"] = loss["protected"] - loss["clean"]

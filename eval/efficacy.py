@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from ldu.metrics import thumbnails
 
 SUBJECT_PROMPT = "a photo of sks cat"
 OTHER_PROMPTS = ("a photo of a rocket", "a red circle on a white background", "a photo of an astronaut")
@@ -30,12 +31,6 @@ OTHER_PROMPTS = ("a photo of a rocket", "a red circle on a white background", "a
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
-
-
-def thumbnails(images) -> torch.Tensor:
-    """The 8x8 RGB thumbnail feature (colour layout) of [3,H,W] images or a [N,3,H,W] batch."""
-    x = torch.stack(list(images)) if not isinstance(images, torch.Tensor) else images
-    return F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
 
 
 def subject_sets(subject: str, seed: int, n_train: int = 4, n_held: int = 8):
@@ -90,6 +85,7 @@ def protection(backbone, method: str, method_params: dict | None = None, subject
                attack: str = "lora_dreambooth") -> dict:
     from attacks import post_attack_loss, train
     from ldu import attacker_loss, get_method, make_draws, protect
+    from ldu.protect import to_working
 
     takes_prompt = "prompt" in get_method(method).params.__dataclass_fields__
     cond = backbone.encode_prompt(prompt)
@@ -100,11 +96,7 @@ def protection(backbone, method: str, method_params: dict | None = None, subject
         t0 = time.perf_counter()
         result = protect(views, backbone, method=method, params=params)
         seconds = time.perf_counter() - t0
-        from ldu.protect import _resize
-
-        size = (backbone.resolution,) * 2  # what the attacker's training sees (the views may be any size)
-        x = torch.stack([_resize(v[None], size)[0] for v in views]).clamp(0, 1).to(backbone.device)
-        xp = torch.stack([_resize(v[None], size)[0] for v in result.images]).clamp(0, 1).to(backbone.device)
+        x, xp = to_working(views, backbone), to_working(result.images, backbone)  # what the attacker's training sees
         with torch.no_grad():  # attacker loss under 5 independent sets of 16 draws: effect vs draw-to-draw noise
             clean_sets, prot_sets = [], []
             for k in range(5):

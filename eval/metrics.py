@@ -151,8 +151,7 @@ def fid(a, b) -> float:
 def thumb_distance(generations, references, prompt=None) -> float:
     """Weight-free and crude: L2 distance of 8x8 colour thumbnails of the generations to the references' mean.
     Lower = more like the subject. A stand-in where CLIP/DINO weights are missing, not a replacement."""
-    g = F.adaptive_avg_pool2d(_stack(generations), 8).flatten(1)
-    r = F.adaptive_avg_pool2d(_stack(references), 8).flatten(1).mean(0)
+    g, r = base.thumbnails(generations), base.thumbnails(references).mean(0)
     return float((g - r).norm(dim=1).mean())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def rms(r: torch.Tensor) -> float:
@@ -31,6 +32,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     return float(structural_similarity_index_measure(a.float()[None].cpu(), b.float()[None].cpu(), data_range=1.0))
+
+
+def thumbnails(images) -> torch.Tensor:
+    """The 8x8 RGB thumbnail (colour layout) of [3,H,W] images or a [N,3,H,W] batch, flattened to [N,192]: the
+    weight-free image feature of the pocket check, the efficacy experiments and the thumb_distance metric."""
+    x = images if isinstance(images, torch.Tensor) else torch.stack([im.float().cpu() for im in images])
+    return F.adaptive_avg_pool2d(x.float(), 8).flatten(1)
 
 
 def difference_stats(clean: torch.Tensor, protected: torch.Tensor) -> dict:

@@ -92,6 +92,12 @@ def working_size(backbone) -> int:
     return size
 
 
+def to_working(images, backbone) -> torch.Tensor:
+    """[B,3,s,s] in [0,1] on the backbone's device: what a method, and an attacker's training, sees of [3,H,W] images."""
+    size = working_size(backbone)
+    return torch.stack([_resize(im[None].to(backbone.device), (size, size))[0] for im in images]).clamp(0, 1)
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -114,7 +120,7 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         raise ValueError(f"protect() takes 1 to {MAX_BATCH} images of one subject, got {len(sources)}: split them into batches")
     size = working_size(backbone)
     dev = backbone.device
-    x = torch.stack([_resize(s.pixels[None].to(dev), (size, size))[0] for s in sources]).clamp(0, 1)
+    x = to_working([s.pixels for s in sources], backbone)
     seed = getattr(params, "seed", 0)
     n_draws = getattr(params, "draws", 4)
     draws = make_draws(n_draws, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps, seed).to(dev)
@@ -143,7 +149,7 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
     # What the attacker sees: the quantised images at the working size, on draws the method never saw.
     with torch.no_grad():
         c_attack = backbone.encode_prompt(getattr(params, "prompt", "a photo of sks person"))
-        x_final = torch.stack([_resize(o[None].to(dev), (size, size))[0] for o in out_images]).clamp(0, 1)
+        x_final = to_working(out_images, backbone)
         eval_draws = make_draws(EVAL_DRAWS, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps,
                                 seed + EVAL_SEED_OFFSET).to(dev)
         def loss_of(images, d):

@@ -14,18 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..metrics import thumbnails
 from . import data
 
 GUIDANCE = 7.5  # Stable Diffusion's default; the grid and the headline number use it
 GUIDANCE_SWEEP = (4.0, 7.5, 12.0)
 STEPS = 25
-
-
-def feature(images: torch.Tensor) -> torch.Tensor:
-    """A simple image feature: the 8x8 RGB thumbnail (colour layout), [N, 192]."""
-    return F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
 
 
 def to_unit(a: np.ndarray) -> torch.Tensor:
@@ -94,7 +89,7 @@ def check(model: str = "pocket", out: Path | None = None, samples: int = 16, see
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     classes = list(data.CHECK_CLASSES)
-    reals = [feature(to_unit(data.class_examples(c, 64))) for c in classes]
+    reals = [thumbnails(to_unit(data.class_examples(c, 64))) for c in classes]
     centroids = torch.stack([r.mean(0) for r in reals])
     pool, labels = torch.cat(reals), torch.arange(len(classes)).repeat_interleave(64)
     sweep, rows = {}, []
@@ -104,7 +99,7 @@ def check(model: str = "pocket", out: Path | None = None, samples: int = 16, see
             gens = pipe([caption] * samples, num_inference_steps=STEPS, guidance_scale=guidance, height=data.SIZE,
                         width=data.SIZE, output_type="pt",
                         generator=[torch.Generator().manual_seed(seed * 1000 + i) for i in range(samples)]).images.float()
-            f = feature(gens)
+            f = thumbnails(gens)
             hit = labels[torch.cdist(f, pool).argmin(1)] == k
             per_class[caption] = float(hit.float().mean())
             nn_hits += int(hit.sum())
