@@ -1,4 +1,4 @@
-"""python -m ldu.pocket train --out DIR  |  python -m ldu.pocket check [--model DIR]"""
+"""python -m ldu.pocket train --out DIR [--preset cpu|gpu]  |  python -m ldu.pocket check [--model DIR]"""
 
 import argparse
 import sys
@@ -10,9 +10,13 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) the pocket backbone; writes DIR/pipeline")
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: about 2 h on 2 cores; gpu: the shipped weights (larger batches and text encoder)")
+    t.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
+    t.add_argument("--seed", type=int, default=None)
     t.add_argument("--vae-steps", type=int, default=None)
     t.add_argument("--unet-steps", type=int, default=None)
+    t.add_argument("--decoder-steps", type=int, default=None)
     t.add_argument("--dataset", type=int, default=None, help="images in the encoded UNet training set")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
@@ -25,11 +29,13 @@ def main(argv=None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "train":
-        from .train import Config, train
+        from dataclasses import replace
+
+        from .train import PRESETS, train
 
         overrides = {k: v for k, v in (("seed", args.seed), ("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
-                                       ("dataset", args.dataset)) if v is not None}
-        folder = train(args.out, Config(**overrides))
+                                       ("decoder_steps", args.decoder_steps), ("dataset", args.dataset)) if v is not None}
+        folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
         print(f"wrote {folder}")
         return 0
     from .check import check

@@ -61,6 +61,7 @@ def check(model: str = "pocket", out: Path | None = None, samples: int = 16, see
 
     bb = load_backbone(model, device="cpu", dtype=torch.float32)
     out = Path(out) if out else bb.path
+    out.mkdir(parents=True, exist_ok=True)
     res: dict = {"model": bb.spec, "revision": bb.revision}
 
     # 1. VAE reconstruction: held-out subjects (never trained on) and fresh training-distribution images.

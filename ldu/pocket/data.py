@@ -127,6 +127,30 @@ def batch(seed: int, step: int, n: int, size: int = SIZE, photo_fraction: float 
     return np.stack(images), captions
 
 
+def _batch(args: tuple) -> tuple[np.ndarray, list[str]]:
+    seed, step, n, photo_fraction = args
+    return batch(seed, step, n, photo_fraction=photo_fraction)
+
+
+def pool(seed: int, batches: int, n: int, photo_fraction: float = PHOTO_FRACTION,
+         workers: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """batch(seed, i, n) for i < batches, concatenated: images [batches*n, SIZE, SIZE, 3] uint8 and captions, made
+    in parallel processes. The same result for any number of workers (each batch is a pure function of (seed, i))."""
+    import os
+
+    jobs = [(seed, i, n, photo_fraction) for i in range(batches)]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or batches < 4 * workers:
+        parts = [_batch(j) for j in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            parts = list(ex.map(_batch, jobs, chunksize=max(1, batches // (8 * workers))))
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+
+
 def class_examples(caption: str, n: int, seed: int = 12345, size: int = SIZE) -> np.ndarray:
     """n real images of one check class (photo crops, or scenes drawn until n match the caption)."""
     rng = np.random.default_rng([seed, zlib.crc32(caption.encode())])  # str hash() differs per process
