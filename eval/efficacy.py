@@ -2,7 +2,8 @@
 
 - personalization: does a LoRA-DreamBooth attack on four views of a held-out subject learn it? Its
   post_attack_loss on OTHER clean views of the subject, and how close "a photo of sks ..." generations come to
-  the subject, against the base model; plus how much generations of unrelated prompts move.
+  the subject, against the base model; plus how much generations of unrelated prompts move, and whether they
+  come closer to the subject (a leak).
 - protection: does a protection method raise the attacker's loss beyond the draw-to-draw noise, and does an
   attack on the protected views learn the subject worse (higher post_attack_loss on clean held-out views) than
   the same attack, same seed, on the clean views?
@@ -59,11 +60,13 @@ def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: 
         gen_seeds = [10_000 * seed + i for i in range(n_gen)]
         base_gen = generate(backbone, None, [prompt] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
         adapted_gen = generate(backbone, adapter, [prompt] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
-        moved_other = []
+        moved_other, leak_base, leak_adapted = [], [], []
         for other in OTHER_PROMPTS:
             b = generate(backbone, None, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
             a = generate(backbone, adapter, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
             moved_other.append(float((torch.stack(a) - torch.stack(b)).abs().mean()))
+            leak_base.append(float(torch.cdist(thumbnails(b), target).min(1).values.mean()))
+            leak_adapted.append(float(torch.cdist(thumbnails(a), target).min(1).values.mean()))
         rows.append({
             "post_attack_loss_base": float(post_attack_loss(backbone, None, held, draws, prompt=prompt)),
             "post_attack_loss_adapted": float(post_attack_loss(backbone, adapter, held, draws)),
@@ -74,6 +77,9 @@ def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: 
             "subject_distance_adapted": float(torch.cdist(thumbnails(adapted_gen), target).mean()),
             "moved_instance_prompt": float((torch.stack(adapted_gen) - torch.stack(base_gen)).abs().mean()),
             "moved_other_prompts": statistics.fmean(moved_other),
+            # does the subject leak into other prompts? their generations' distance to the subject's views
+            "other_prompts_subject_nn_distance_base": statistics.fmean(leak_base),
+            "other_prompts_subject_nn_distance_adapted": statistics.fmean(leak_adapted),
         })
         if seed == seeds[0]:
             picture = torch.cat([torch.cat(list(row[:n_gen]), dim=2) for row in (held, base_gen, adapted_gen)], dim=1)
