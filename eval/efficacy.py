@@ -164,18 +164,22 @@ def main(argv=None) -> int:
 
             to_pil(picture.clamp(0, 1)).save(args.out.with_suffix(".png"))
         print("personalization (mean ± std over seeds):")
-        for k, v in report["personalization"].items():
-            print(f"  {k:<28} {v['mean']:.4f} ± {v['std']:.4f}")
+        _print_rows(report["personalization"])
     for name in [] if args.methods == "none" else args.methods.split(","):
         methods[name]  # noqa: B018  (unknown names fail here, before any work)
         report.setdefault("protection", {})[name] = r = protection(bb, name, None, args.subject, seeds, args.steps,
                                                                         attack_params=attack_params, attack=args.attack)
         print(f"protection: {name}")
-        for k, v in r.items():
-            print(f"  {k:<34} {v['mean']:.4f} ± {v['std']:.4f}")
+        _print_rows(r)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _print_rows(rows: dict) -> None:
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"  {k:<{width}} {v['mean']:.4f} ± {v['std']:.4f}")
 
 
 if __name__ == "__main__":
