@@ -34,6 +34,11 @@ def spread(values: list[float]) -> dict:
             "values": values}
 
 
+def nn_distance(images, target: torch.Tensor) -> float:
+    """Mean thumbnail distance of each image to its nearest target thumbnail."""
+    return float(torch.cdist(thumbnails(images), target).min(1).values.mean())
+
+
 def subject_sets(subject: str, seed: int, n_train: int = 4, n_held: int = 8):
     """Training views and OTHER held-out views of a held-out subject of the pocket data, as [3,64,64] tensors."""
     from ldu.pocket.data import subject_views
@@ -65,14 +70,14 @@ def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: 
             b = generate(backbone, None, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
             a = generate(backbone, adapter, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
             moved_other.append(float((torch.stack(a) - torch.stack(b)).abs().mean()))
-            leak_base.append(float(torch.cdist(thumbnails(b), target).min(1).values.mean()))
-            leak_adapted.append(float(torch.cdist(thumbnails(a), target).min(1).values.mean()))
+            leak_base.append(nn_distance(b, target))
+            leak_adapted.append(nn_distance(a, target))
         rows.append({
             "post_attack_loss_base": float(post_attack_loss(backbone, None, held, draws, prompt=prompt)),
             "post_attack_loss_adapted": float(post_attack_loss(backbone, adapter, held, draws)),
             # thumbnail distance of each generation to its nearest held-out view, and to the views on average
-            "subject_nn_distance_base": float(torch.cdist(thumbnails(base_gen), target).min(1).values.mean()),
-            "subject_nn_distance_adapted": float(torch.cdist(thumbnails(adapted_gen), target).min(1).values.mean()),
+            "subject_nn_distance_base": nn_distance(base_gen, target),
+            "subject_nn_distance_adapted": nn_distance(adapted_gen, target),
             "subject_distance_base": float(torch.cdist(thumbnails(base_gen), target).mean()),
             "subject_distance_adapted": float(torch.cdist(thumbnails(adapted_gen), target).mean()),
             "moved_instance_prompt": float((torch.stack(adapted_gen) - torch.stack(base_gen)).abs().mean()),

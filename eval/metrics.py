@@ -28,6 +28,10 @@ class MetricUnavailable(RuntimeError):
     """The metric's weights or package are missing here; the message says what and how to provide them."""
 
 
+class NothingToMeasure(MetricUnavailable):
+    """The metric works here, but these images give it nothing to measure (no face in them, say)."""
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -277,9 +281,9 @@ def face_similarity(generations, references, prompt=None) -> float:
     refs = [f for f in _faces(references) if f is not None]
     gens = [f for f in _faces(generations) if f is not None]
     if not refs:
-        raise MetricUnavailable("no face found in the reference photos")
+        raise NothingToMeasure("no face found in the reference photos")
     if not gens:
-        raise MetricUnavailable("no face found in any generation (see face_detection_failure)")
+        raise NothingToMeasure("no face found in any generation (see face_detection_failure)")
     r = F.normalize(F.normalize(model(torch.stack(refs)), dim=-1).mean(0), dim=-1)
     return float((F.normalize(model(torch.stack(gens)), dim=-1) @ r).mean())
 
