@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldu.protect import as_loaded
+from ldu.protect import as_loaded, center_square
 
 
 def instance_views(images, size: int) -> torch.Tensor:
@@ -23,16 +23,6 @@ def instance_views(images, size: int) -> torch.Tensor:
     if not loaded:
         raise ValueError("no training images given")
     return torch.stack([center_square(im.pixels, size) for im in loaded])
-
-
-def center_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top : top + size, left : left + size].clamp(0, 1)
 
 
 @dataclass

@@ -106,9 +106,12 @@ class Backbone:
             "device": str(self.device),
         }
 
-    def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
-        s = (size or self.resolution) // self.vae_scale_factor
-        return (self.latent_channels, s, s)
+    def latent_shape(self, size: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
+        """(channels, h, w) of the latent of a square image of side `size` (default: the resolution), or of an
+        image of shape (height, width)."""
+        h, w = (size, size) if not isinstance(size, (tuple, list)) else size
+        f = self.vae_scale_factor
+        return (self.latent_channels, (h or self.resolution) // f, (w or self.resolution) // f)
 
     def reset_calls(self) -> None:
         for k in self.calls:

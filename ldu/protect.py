@@ -1,9 +1,16 @@
 """`protect()`: the one wrapper that owns sizes and budgets (DESIGN.md, "The contract").
 
-It resizes each image to the backbone's working size, runs the method's tensor function on the batch,
-upsamples only the RESIDUAL back to each image's original size, projects it per image at that size onto the
-method's budget in fp32, and rounds it toward zero to whole code steps of the image's bit depth, so the
-quantised result can never exceed the budget and a zero residual returns the input bit for bit.
+It resizes each image as a DreamBooth attacker's data loader does (short side to the backbone's resolution,
+aspect kept), pads it to a shape the backbone accepts (its "canvas"), runs the method's tensor function on the
+canvases (one call per canvas shape), upsamples only the RESIDUAL back to each image's original size, projects
+it per image at that size onto the method's budget in fp32, and rounds it toward zero to whole code steps of
+the image's bit depth, so the quantised result can never exceed the budget and a zero residual returns the
+input bit for bit.
+
+Why a canvas and not a square: an attacker trains on the centre (or a random) square of the short-side-resized
+photo. Squashing a 4:3 photo into a square would optimise the perturbation at the wrong aspect, and the
+attacker would see it stretched by 4/3. On the canvas the attacker's centre square is an exact, latent-grid
+aligned window of what the method optimised, and the rest of the photo is protected at the same scale.
 """
 
 from __future__ import annotations
@@ -85,6 +92,9 @@ def as_loaded(images) -> list[LoadedImage]:
     return out
 
 
+MAX_ASPECT = 4  # canvases longer than this many short sides are squeezed to it (compute grows with the area)
+
+
 def working_size(backbone) -> int:
     size = backbone.resolution
     if size % backbone.size_multiple:
@@ -92,16 +102,67 @@ def working_size(backbone) -> int:
     return size
 
 
-def to_working(images, backbone) -> torch.Tensor:
-    """[B,3,s,s] in [0,1] on the backbone's device: what a method, and an attacker's training, sees of [3,H,W] images."""
-    size = working_size(backbone)
-    return torch.stack([_resize(im[None].to(backbone.device), (size, size))[0] for im in images]).clamp(0, 1)
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+
+
+def center_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[3,H,W] in [0,1] -> [3,size,size]: short side resized to size (bilinear, antialiased, as torchvision's
+    Resize on a PIL image), centre square cropped: what diffusers' DreamBooth example trains on."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = _resize(x[None].float(), (nh, nw), mode="bilinear")[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top : top + size, left : left + size].clamp(0, 1)
+
+
+def to_working(images, backbone) -> torch.Tensor:
+    """[B,3,s,s] in [0,1] on the backbone's device: the centre squares an attacker's training sees of [3,H,W] images."""
+    size = working_size(backbone)
+    return torch.stack([center_square(im, size) for im in images]).to(backbone.device)
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """Where an image sits on the method's canvas: resized to (h, w) (the attacker's resize, long side capped at
+    MAX_ASPECT short sides), then reflect-padded by (top, left) to shape (H, W), both multiples of the backbone's
+    size multiple. The padding puts the attacker's centre square at ((H - s) / 2, (W - s) / 2): whole latent
+    cells from the canvas's corner, so it sees the latent grid the method optimised on."""
+
+    h: int
+    w: int
+    top: int
+    left: int
+    H: int
+    W: int
+    squeezed: bool = False  # the long side was capped: the photo is longer than MAX_ASPECT short sides
+
+    @classmethod
+    def of(cls, height: int, width: int, size: int, multiple: int) -> "Canvas":
+        def side(n: int, other: int) -> tuple[int, int, int]:  # (resized, padded, pad before) along one axis
+            v = size if n <= other else min(max(size, round(size * n / other)), MAX_ASPECT * size)
+            padded = -(-v // multiple) * multiple
+            return v, padded, (padded - size) // 2 - (v - size) // 2
+
+        (h, H, top), (w, W, left) = side(height, width), side(width, height)
+        return cls(h, w, top, left, H, W, squeezed=max(height, width) > MAX_ASPECT * min(height, width))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.H, self.W)
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """[3,h0,w0] -> [3,H,W]."""
+        x = _resize(x[None].float(), (self.h, self.w), mode="bilinear").clamp(0, 1)
+        pad = (self.left, self.W - self.w - self.left, self.top, self.H - self.h - self.top)
+        return (F.pad(x, pad, mode="reflect") if any(pad) else x)[0]
+
+    def take(self, r: torch.Tensor) -> torch.Tensor:
+        """[3,H,W] residual on the canvas -> [3,h,w], the part over the image."""
+        return r[:, self.top : self.top + self.h, self.left : self.left + self.w]
 
 
 def protect(images, backbone, method: str = "ldu", params=None, callback=None) -> ProtectResult:
@@ -120,52 +181,69 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         raise ValueError(f"protect() takes 1 to {MAX_BATCH} images of one subject, got {len(sources)}: split them into batches")
     size = working_size(backbone)
     dev = backbone.device
-    x = to_working([s.pixels for s in sources], backbone)
+    canvases = [Canvas.of(*s.pixels.shape[-2:], size, backbone.size_multiple) for s in sources]
+    groups: dict[tuple[int, int], list[int]] = {}  # one method call per canvas shape, in order of appearance
+    for i, c in enumerate(canvases):
+        groups.setdefault(c.shape, []).append(i)
     seed = getattr(params, "seed", 0)
     n_draws = getattr(params, "draws", 4)
-    draws = make_draws(n_draws, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps, seed).to(dev)
+    iterations = getattr(params, "iterations", 0)
 
     backbone.reset_calls()
     t0 = time.perf_counter()
-    report(callback, {"stage": "start", "step": 0, "total": getattr(params, "iterations", 0)})
-    x_p, method_stats = m.fn(backbone, x, params, draws, callback)
+    report(callback, {"stage": "start", "step": 0, "total": iterations * len(groups)})
+    runs = []  # (indices, clean canvases, protected canvases, draws, the method's stats)
+    for k, (shape, idx) in enumerate(groups.items()):
+        x = torch.stack([canvases[i].place(sources[i].pixels) for i in idx]).to(dev)
+        draws = make_draws(n_draws, len(idx), backbone.latent_shape(shape), backbone.num_train_timesteps, seed).to(dev)
+        x_p, method_stats = m.fn(backbone, x, params, draws, _in_group(callback, k, len(groups)))
+        runs.append((idx, x, x_p.float().detach(), draws, method_stats))
     seconds = time.perf_counter() - t0
     calls = dict(backbone.calls)
 
     rms_budget, linf_budget = m.budgets(params)
-    residual = (x_p.float() - x).detach()
-    out_images, per_image = [], []
-    for i, s in enumerate(sources):
-        clean = s.pixels.float()
-        r = _resize(residual[i : i + 1], tuple(clean.shape[-2:]))[0].cpu()
-        if s.gray:  # a single-channel source stays single-channel: perturb its luminance only
-            r = r.mean(0, keepdim=True).expand_as(r)
-        r = project(r[None], None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)[0]  # a hair under: fp32
-        out_images.append(quantise(clean, r, s.maxval))
-        stats = difference_stats(clean, out_images[-1])
-        stats["budget_rms"], stats["budget_linf"] = rms_budget, linf_budget
-        per_image.append(stats)
+    out_images, per_image = [None] * len(sources), [None] * len(sources)
+    for idx, x, x_p, _, _ in runs:
+        for j, i in enumerate(idx):
+            s, c = sources[i], canvases[i]
+            clean = s.pixels.float()
+            r = _resize(c.take(x_p[j] - x[j])[None], tuple(clean.shape[-2:]))[0].cpu()
+            if s.gray:  # a single-channel source stays single-channel: perturb its luminance only
+                r = r.mean(0, keepdim=True).expand_as(r)
+            r = project(r[None], None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)[0]  # a hair under: fp32
+            out_images[i] = quantise(clean, r, s.maxval)
+            stats = difference_stats(clean, out_images[i])
+            stats["budget_rms"], stats["budget_linf"] = rms_budget, linf_budget
+            stats["working_shape"] = list(c.shape)
+            stats["squeezed"] = c.squeezed
+            per_image[i] = stats
 
-    # What the attacker sees: the quantised images at the working size, on draws the method never saw.
     with torch.no_grad():
         c_attack = backbone.encode_prompt(getattr(params, "prompt", "a photo of sks person"))
-        x_final = to_working(out_images, backbone)
-        eval_draws = make_draws(EVAL_DRAWS, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps,
-                                seed + EVAL_SEED_OFFSET).to(dev)
+
         def loss_of(images, d):
             return attacker_loss(backbone, images, c_attack, d, reduction="none", max_batch=EVAL_MAX_BATCH).tolist()
 
-        loss = {
-            "attacker_loss_clean": loss_of(x, eval_draws),
-            "attacker_loss_protected": loss_of(x_final, eval_draws),
-            "attacker_loss_clean_opt_draws": loss_of(x, draws),
-            "attacker_loss_protected_opt_draws": loss_of(x_final, draws),
-        }
+        # What the attacker sees: the centre squares of the quantised images, on draws the method never saw ...
+        x_clean, x_final = to_working([s.pixels for s in sources], backbone), to_working(out_images, backbone)
+        eval_draws = make_draws(EVAL_DRAWS, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps,
+                                seed + EVAL_SEED_OFFSET).to(dev)
+        loss = {"attacker_loss_clean": loss_of(x_clean, eval_draws), "attacker_loss_protected": loss_of(x_final, eval_draws),
+                "attacker_loss_clean_opt_draws": [0.0] * len(sources), "attacker_loss_protected_opt_draws": [0.0] * len(sources)}
+        # ... and what the method optimised: the whole canvases, quantised result included, on its own draws.
+        for idx, x, _, draws, _ in runs:
+            final = torch.stack([canvases[i].place(out_images[i]) for i in idx]).to(dev)
+            for key, images in (("attacker_loss_clean_opt_draws", x), ("attacker_loss_protected_opt_draws", final)):
+                for i, v in zip(idx, loss_of(images, draws)):
+                    loss[key][i] = v
     for i, stats in enumerate(per_image):
         for k, v in loss.items():
             stats[k] = v[i]
-        if "psnr_vs_base" in method_stats:
-            stats["psnr_vs_base_working_size"] = method_stats["psnr_vs_base"][i]
+    for idx, _, _, _, method_stats in runs:
+        for j, i in enumerate(idx):
+            if "psnr_vs_base" in method_stats:
+                per_image[i]["psnr_vs_base_working_size"] = method_stats["psnr_vs_base"][j]
+    method_stats = [{k: v for k, v in r[4].items() if k != "psnr_vs_base"} for r in runs]
     batch = {
         "seconds": seconds,
         "seconds_per_image": seconds / len(sources),
@@ -176,7 +254,8 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         "working_size": size,
         "eval_draws": EVAL_DRAWS,
         **{k: sum(v) / len(v) for k, v in loss.items()},
-        "method": {k: v for k, v in method_stats.items() if k != "psnr_vs_base"},
+        # one method call: its stats; images of several canvas shapes: one entry per call, with its images
+        "method": method_stats[0] if len(runs) == 1 else {"groups": [{"images": r[0], **st} for r, st in zip(runs, method_stats)]},
     }
     manifest = {
         "method": method,
@@ -190,8 +269,22 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "batch_stats": batch,
     }
-    report(callback, {"stage": "done", "step": getattr(params, "iterations", 0), "total": getattr(params, "iterations", 0)})
+    report(callback, {"stage": "done", "step": iterations * len(groups), "total": iterations * len(groups)})
     return ProtectResult(images=out_images, stats={"images": per_image, "batch": batch}, manifest=manifest, sources=sources)
+
+
+def _in_group(callback, k: int, n: int):
+    """The method's progress reports of call k of n, counted over all n calls (callback(dict) -> False cancels)."""
+    if callback is None or n == 1:
+        return callback
+
+    def cb(info: dict):
+        info = dict(info, group=k + 1, groups=n)
+        if "total" in info:
+            info["step"], info["total"] = k * info["total"] + info.get("step", 0), n * info["total"]
+        return callback(info)
+
+    return cb
 
 
 def quantise(clean: torch.Tensor, r: torch.Tensor, maxval: int) -> torch.Tensor:

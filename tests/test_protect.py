@@ -165,3 +165,37 @@ def test_sixteen_bit_source_is_quantised_in_sixteen_bit_steps(tiny, tmp_path):
     diff = codes - a.astype(np.int64)
     assert diff.any() and np.abs(diff).max() <= 4 / 255 * 65535
     assert np.sqrt(((diff / 65535) ** 2).mean()) <= 2 / 255
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80), (96, 128), (130, 61), (512, 683), (17, 1000)])
+@pytest.mark.parametrize("size,multiple,vae_factor", [(64, 16, 4), (512, 64, 8)])
+def test_the_attackers_centre_square_is_a_latent_aligned_window_of_the_canvas(hw, size, multiple, vae_factor):
+    from ldu.protect import MAX_ASPECT, Canvas, center_square
+
+    x = torch.rand(3, *hw, generator=torch.Generator().manual_seed(0))
+    c = Canvas.of(*hw, size, multiple)
+    assert c.H % multiple == 0 and c.W % multiple == 0 and min(c.h, c.w) == size
+    assert c.squeezed == (max(hw) > MAX_ASPECT * min(hw))
+    canvas = c.place(x)
+    assert canvas.shape == (3, c.H, c.W)
+    top, left = (c.H - size) // 2, (c.W - size) // 2
+    assert top % vae_factor == 0 and left % vae_factor == 0  # the attacker's latent grid is the method's
+    if not c.squeezed:  # the aspect kept: what the attacker trains on is exactly that window of the canvas
+        window = canvas[:, top : top + size, left : left + size]
+        assert torch.allclose(window, center_square(x, size), atol=1e-6)
+    assert c.take(canvas).shape == (3, c.h, c.w)
+
+
+def test_non_square_photos_are_protected_at_their_aspect_in_one_call_per_shape(tiny):
+    images = [rgb(80, 48, seed=1), rgb(64, 64, seed=2), rgb(80, 48, seed=3), rgb(1000, 17, seed=4)]
+    calls = []
+    r = protect(images, tiny, params={**FAST, "lr": 0.5}, callback=lambda info: calls.append(info) or True)
+    shapes = [s["working_shape"] for s in r.stats["images"]]
+    assert shapes == [[112, 64], [64, 64], [112, 64], [256, 64]]  # 80 high, 48 wide: resized to 107 x 64, padded
+    assert [s["squeezed"] for s in r.stats["images"]] == [False, False, False, True]
+    groups = r.stats["batch"]["method"]["groups"]
+    assert [g["images"] for g in groups] == [[0, 2], [1], [3]]
+    for img, out, s in zip(r.sources, r.images, r.stats["images"]):
+        assert out.shape == img.pixels.shape and s["rms"] > 0
+    steps = [c["step"] for c in calls if c.get("stage") == "ldu"]
+    assert steps == sorted(steps) and steps[-1] == 3 * FAST["iterations"]  # progress counts over the three calls

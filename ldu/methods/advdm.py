@@ -42,7 +42,7 @@ def advdm(backbone, x: torch.Tensor, p: AdvDMParams, draws, callback=None):
         clean = attacker_loss(backbone, x, cond, draws, reduction="none")
 
     def objective(xa, step):
-        d = fresh_draws(backbone, x.shape[0], p.draws, g) if p.resample else draws
+        d = fresh_draws(backbone, x, p.draws, g) if p.resample else draws
         return attacker_loss(backbone, xa, cond, d, reduction="none")
 
     x_adv, curve = pgd(x, objective, p.linf, p.iterations, p.step_size, callback, stage="advdm")

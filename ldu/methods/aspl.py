@@ -66,7 +66,7 @@ def aspl(backbone, x: torch.Tensor, p: ASPLParams, draws, callback=None):
             train_step(backbone, lora, opt, z, cond.expand(images.shape[0], -1, -1), g)
 
     def objective(xa, step):
-        d = fresh_draws(backbone, x.shape[0], 1, g) if p.resample else draws
+        d = fresh_draws(backbone, x, 1, g) if p.resample else draws
         return attacker_loss(backbone, xa, cond, d, reduction="none")
 
     x_adv, curve = x.clone(), []

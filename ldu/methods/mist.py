@@ -37,9 +37,12 @@ class MistParams:
         check(self.iterations >= 0 and self.draws >= 1 and self.step_size > 0, "iterations >= 0, draws >= 1, step_size > 0")
 
 
-def target_pattern(size: int, device=None) -> torch.Tensor:
-    """[1,3,size,size] in [0,1]: rings times diagonal stripes, in three phase-shifted colour channels."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+def target_pattern(height: int, width: int, device=None) -> torch.Tensor:
+    """[1,3,height,width] in [0,1]: rings times diagonal stripes, in three phase-shifted colour channels; the
+    short side spans [-1, 1], the long side the same pixel pitch further."""
+    s = min(height, width)
+    axis = lambda n: torch.linspace(-(n - 1) / (s - 1), (n - 1) / (s - 1), n)  # noqa: E731
+    yy, xx = torch.meshgrid(axis(height), axis(width), indexing="ij")
     r = (xx**2 + yy**2).sqrt()
     channels = [0.5 + 0.5 * torch.sign(torch.sin(12 * math.pi * r + k) * torch.sin(8 * math.pi * (xx + yy) + k)) for k in (0, 2, 4)]
     return torch.stack(channels)[None].to(device)
@@ -49,11 +52,11 @@ def mist(backbone, x: torch.Tensor, p: MistParams, draws, callback=None):
     cond = backbone.encode_prompt(p.prompt)
     g = torch.Generator().manual_seed(p.seed)
     with torch.no_grad():
-        target = backbone.encode(target_pattern(x.shape[-1], x.device))
+        target = backbone.encode(target_pattern(*x.shape[-2:], x.device))
 
     def objective(xa, step, d=None):
         z = backbone.encode(xa)
-        d = d if d is not None else fresh_draws(backbone, x.shape[0], p.draws, g) if p.resample else draws
+        d = d if d is not None else fresh_draws(backbone, x, p.draws, g) if p.resample else draws
         semantic = diffusion_loss(backbone, z, cond, d, reduction="none")
         return semantic - p.texture_weight * (z - target).pow(2).flatten(1).mean(1)
 

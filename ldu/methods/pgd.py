@@ -31,8 +31,10 @@ def pgd(x: torch.Tensor, objective, linf: float, iterations: int, step_size: flo
     return x_adv.detach(), curve
 
 
-def fresh_draws(backbone, batch: int, m: int, generator: torch.Generator):
-    """m new (t, eps) draws per image from the method's own seeded stream (AdvDM's Monte-Carlo estimate)."""
+def fresh_draws(backbone, x: torch.Tensor, m: int, generator: torch.Generator):
+    """m new (t, eps) draws per image of the batch x [B,3,h,w] from the method's own seeded stream (AdvDM's
+    Monte-Carlo estimate)."""
     from ..losses import make_draws
 
-    return make_draws(m, batch, backbone.latent_shape(), backbone.num_train_timesteps, generator=generator).to(backbone.device)
+    shape = backbone.latent_shape(tuple(x.shape[-2:]))
+    return make_draws(m, x.shape[0], shape, backbone.num_train_timesteps, generator=generator).to(backbone.device)
