@@ -109,7 +109,7 @@ def applied(backbone, adapter: Adapter | None, adapter_name: str = "attack"):
         elif adapter.kind == "dreambooth":
             from diffusers import UNet2DConditionModel
 
-            backbone.unet = UNet2DConditionModel.from_pretrained(Path(adapter.path) / "unet", torch_dtype=backbone.dtype)
+            backbone.unet = UNet2DConditionModel.from_pretrained(Path(adapter.path) / "unet", dtype=backbone.dtype)
             backbone.unet.requires_grad_(False).eval().to(backbone.device)
             if (Path(adapter.path) / "text_encoder").is_dir():
                 from transformers import CLIPTextModel

@@ -67,7 +67,7 @@ def _fp32_copy(backbone, name: str) -> torch.nn.Module:
         if name == "unet":
             from diffusers import UNet2DConditionModel
 
-            fresh = UNet2DConditionModel.from_pretrained(backbone.path, subfolder="unet", torch_dtype=torch.float32)
+            fresh = UNet2DConditionModel.from_pretrained(backbone.path, subfolder="unet", dtype=torch.float32)
         else:
             from transformers import CLIPTextModel
 

@@ -245,7 +245,7 @@ def noisy_upscale(images, p: NoisyUpscaleParams, backbone=None, callback=None):
 
     device = backbone.device if backbone is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        pipe = StableDiffusionUpscalePipeline.from_pretrained(p.model, torch_dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        pipe = StableDiffusionUpscalePipeline.from_pretrained(p.model, dtype=torch.float16 if device.type == "cuda" else torch.float32)
     except Exception as err:
         raise PurificationUnavailable(f"noisy_upscale could not load the upscaler {p.model!r}: {err}") from None
     pipe.to(device)

@@ -337,8 +337,8 @@ def _load_components(spec: str, path: Path, kind: str, revision: str, device: to
         raise BackboneError(f"{spec}: a {index['_class_name']}, not a Stable Diffusion 1.x/2.x pipeline")
     common = dict(local_files_only=True)
     try:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, **common)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, **common)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **common)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", **common)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **common)
