@@ -134,3 +134,29 @@ def test_app_starts_fast_and_loads_no_model_until_used():
                           cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "LDU_MODELS": "tiny"})
     seconds, loaded = proc.stdout.split()[-2:]
     assert float(seconds) < 15 and loaded == "0", proc.stdout + proc.stderr
+
+
+def test_out_of_gpu_memory_is_a_message_and_the_app_keeps_serving(app_url, tmp_path, monkeypatch):
+    import sys
+
+    import torch
+    from gradio_client import handle_file
+
+    import eval.compare
+    import ldu.protect  # noqa: F401  (the package's `protect` attribute is the function: patch the module)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    c = client(app_url)
+    good = tmp_path / "ok.png"
+    rgb(64, 64).save(good)
+    downloads = [handle_file(p) for p in c.predict(*protect_args([good], iterations=0), api_name="/protect")[4]]
+    monkeypatch.setattr(sys.modules["ldu.protect"], "protect", oom)  # the app runs in this process and imports it per call
+    monkeypatch.setattr(eval.compare, "attack_and_compare", oom)
+    with pytest.raises(Exception, match="Out of GPU memory: try fewer photos or iterations"):
+        c.predict(*protect_args([good]), api_name="/protect")
+    with pytest.raises(Exception, match="Out of GPU memory: try fewer steps"):
+        c.predict([handle_file(str(good))], downloads, "tiny", "lora_dreambooth", 2, "none", 0, 1, api_name="/attack")
+    monkeypatch.undo()
+    assert c.predict(*protect_args([good], iterations=0), api_name="/protect")[4]

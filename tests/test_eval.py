@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rgb
 from eval.config import ConfigError, load, parse
 from eval.metrics import measure
 
@@ -238,3 +239,18 @@ def test_metrics_listing_says_what_is_available_here(capsys):
     for name in metrics:
         assert name in out
     assert out.count("available") >= len(metrics) and "unavailable: " in out  # tests run with empty weight caches
+
+
+def test_survives_posting_measures_the_gain_before_and_after_jpeg_and_resize(tiny):
+    """The 'survives posting?' check on tiny (numbers meaningless there): its bookkeeping, and that posting happens."""
+    from eval.compare import survives_posting
+
+    clean = [torch.from_numpy(np.asarray(rgb(64, 64, seed=i))).permute(2, 0, 1).float() / 255 for i in range(2)]
+    protected = [(x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(i))).clamp(0, 1)
+                 for i, x in enumerate(clean)]
+    r = survives_posting(tiny, clean, protected, "a photo of sks person")
+    assert r["gain"] == pytest.approx(r["protected"] - r["clean"])
+    assert r["gain_after_posting"] == pytest.approx(r["protected_posted"] - r["clean_posted"])
+    assert r["clean_posted"] != r["clean"]  # JPEG + resize changed what the attacker sees
+    same = survives_posting(tiny, clean, clean, "a photo of sks person")
+    assert same["gain"] == 0 and same["gain_after_posting"] == 0 and np.isnan(same["kept"])

@@ -44,3 +44,43 @@ def test_bad_parameters_are_named(images):
         purify(images, "diffpure")
     with pytest.raises(ValueError, match="unknown purification"):
         purify(images, "bleach")
+
+
+@pytest.fixture(scope="module")
+def random_upscaler(tmp_path_factory):
+    """A diffusers x4-upscaler folder with small RANDOM weights, shaped like stabilityai/stable-diffusion-x4-upscaler
+    (7-channel UNet conditioned on the noise level, x4 VAE, v-prediction): it runs the code path, nothing more."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    from ldu.backbone import load_backbone
+
+    torch.manual_seed(0)
+    tiny = load_backbone("tiny")
+    unet = UNet2DConditionModel(sample_size=16, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8, num_class_embeds=400)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, scaling_factor=0.08333)
+    pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
+                                          low_res_scheduler=DDPMScheduler(), scheduler=DDIMScheduler(prediction_type="v_prediction"),
+                                          max_noise_level=350)
+    folder = tmp_path_factory.mktemp("upscaler")
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_noisy_upscale_runs_a_local_upscaler_folder(images, random_upscaler):
+    a = purify(images, "noisy_upscale", {"model": random_upscaler, "steps": 2})
+    b = purify(images, "noisy_upscale", {"model": random_upscaler, "steps": 2})
+    for x, y, z in zip(images, a, b):
+        assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+        assert torch.equal(y, z)  # seeded
+    c = purify(images, "noisy_upscale", {"model": random_upscaler, "steps": 2, "seed": 1})
+    assert not torch.equal(a[0], c[0])
+
+
+def test_noisy_upscale_names_a_folder_that_is_not_an_upscaler(images, tmp_path):
+    with pytest.raises(PurificationUnavailable, match="could not load the upscaler"):
+        purify(images, "noisy_upscale", {"model": str(tmp_path)})
