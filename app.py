@@ -147,12 +147,16 @@ def _progress_callback(progress, event: threading.Event, label: str):
     return callback
 
 
+def _paths(files) -> list[str]:
+    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+
+
 def _load(files):
     from ldu.io import ImageLoadError, load_images
 
     if not files:
         raise gr.Error("Upload 1 to 8 photos of one subject first (or click an example).")
-    paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+    paths = _paths(files)
     if len(paths) > MAX_FILES:
         raise gr.Error(f"{len(paths)} files: upload at most {MAX_FILES} photos of one subject.")
     try:
@@ -189,10 +193,28 @@ def estimate(files, model, method, iterations, budget_255, seed, advanced):
     try:
         bb = backbone(model)
         params = _params(method, bb.kind, iterations, budget_255, seed, advanced)
-        secs = estimate_seconds(bb, method, params, min(len(files), MAX_FILES))
+        secs = estimate_seconds(bb, method, params, min(len(files), MAX_FILES), _sizes(files[:MAX_FILES]))
         return f"⏱️ Estimate: about {secs:.0f} s for {min(len(files), MAX_FILES)} photo(s) (one UNet step measured at {unet_seconds(bb) * 1000:.0f} ms)."
     except gr.Error as err:
         return f"⚠️ {err.message}"
+
+
+def _sizes(files) -> list[tuple[int, int]] | None:
+    """(height, width) of each upload as protect() will see it (EXIF orientation applied), from the file's header;
+    None when one is not a readable image (the run itself says why)."""
+    from PIL import Image
+
+    from ldu.io import ORIENTATION
+
+    try:
+        sizes = []
+        for path in _paths(files):
+            with Image.open(path) as im:
+                turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # the orientations that swap the sides
+                sizes.append((im.width, im.height) if turned else (im.height, im.width))
+        return sizes
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @gpu

@@ -31,11 +31,13 @@ def unet_seconds(backbone) -> float:
     return _UNET_SECONDS[key]
 
 
-def estimate_seconds(backbone, method: str, params, n_images: int) -> float:
+def estimate_seconds(backbone, method: str, params, n_images: int, sizes: list[tuple[int, int]] | None = None) -> float:
     """Rough wall time of protect(): UNet-call-equivalents per optimisation step x the measured UNet time.
 
     LDU: k denoising calls + the loss call + VAE passes (~2 UNet-equivalents) per step; pixel PGD methods: one
-    loss call + the VAE encoder; ASPL adds its surrogate fine-tuning. Scaled by the batch (calls are batched).
+    loss call + the VAE encoder; ASPL adds its surrogate fine-tuning. Scaled by the batch (calls are batched) and,
+    given the photos' sizes (height, width), by their canvases: protect() makes one call per canvas shape, and a
+    4:3 photo's canvas has about 4/3 the area of a square one.
     """
     it = getattr(params, "iterations", 0)
     if method == "ldu":
@@ -46,7 +48,14 @@ def estimate_seconds(backbone, method: str, params, n_images: int) -> float:
         fixed = 0
     else:
         per_step, fixed = getattr(params, "draws", 1) + 1, 0
-    batch_factor = 0.5 + 0.5 * n_images  # batched calls cost less than n separate ones
+    from ldu.protect import Canvas, working_size
+
+    side = working_size(backbone)
+    shapes: dict[tuple[int, int], float] = {}  # canvas shape -> images on it, in square-canvas units of area
+    for h, w in sizes or [(side, side)] * n_images:
+        c = Canvas.of(h, w, side, backbone.size_multiple)
+        shapes[c.shape] = shapes.get(c.shape, 0.0) + c.H * c.W / side**2
+    batch_factor = sum(0.5 + 0.5 * area for area in shapes.values())  # batched calls cost less than n separate ones
     return (it * per_step + fixed) * unet_seconds(backbone) * batch_factor
 
 

@@ -14,6 +14,7 @@ import torch
 from conftest import rgb
 from eval.config import ConfigError, load, parse
 from eval.metrics import measure
+from ldu import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,3 +255,15 @@ def test_survives_posting_measures_the_gain_before_and_after_jpeg_and_resize(tin
     assert r["clean_posted"] != r["clean"]  # JPEG + resize changed what the attacker sees
     same = survives_posting(tiny, clean, clean, "a photo of sks person")
     assert same["gain"] == 0 and same["gain_after_posting"] == 0 and np.isnan(same["kept"])
+
+
+def test_time_estimate_scales_with_the_canvases_protect_will_use(tiny):
+    from eval.compare import estimate_seconds, unet_seconds
+
+    p = get_method("ldu").make_params("tiny")
+    one_call = (p.iterations * (p.ddim_steps + p.draws + 2) + p.rounds * 2 * p.ddim_steps) * unet_seconds(tiny)
+    squares = estimate_seconds(tiny, "ldu", p, 2)
+    assert squares == pytest.approx(one_call * (0.5 + 0.5 * 2)) == estimate_seconds(tiny, "ldu", p, 2, [(64, 64), (300, 300)])
+    # 64 x 90 photos sit on 64 x 96 canvases (1.5 squares each); two shapes are two calls
+    assert estimate_seconds(tiny, "ldu", p, 2, [(64, 90)] * 2) == pytest.approx(one_call * (0.5 + 0.5 * 3))
+    assert estimate_seconds(tiny, "ldu", p, 2, [(64, 64), (64, 90)]) == pytest.approx(one_call * (1 + 1.25))
