@@ -265,6 +265,7 @@ def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
+    live = [p.detach() for p in params]  # views of the parameters (the optimiser updates them in place)
     start = 0
     state = ckpt.latest("unet")
     if state:
@@ -306,7 +307,7 @@ def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out
         decay = min(cfg.ema, (1 + step) / (10 + step))  # warm-up: early steps must not keep the random init
         with torch.no_grad():
             torch._foreach_mul_(ema, decay)
-            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+            torch._foreach_add_(ema, live, alpha=1 - decay)
         bar.update(1)
         if (step + 1) % 50 == 0:  # .item() waits for the device: only when logging
             bar.set_postfix(loss=f"{loss.item():.4f}")
