@@ -223,7 +223,7 @@ def run_protect(files, model, method, iterations, budget_255, seed, advanced, re
 
     from eval.metrics import measure
     from ldu.io import save_png
-    from ldu.protect import protect
+    from ldu.protect import MAX_ASPECT, protect
 
     images = _load(files)
     bb = backbone(model)
@@ -254,6 +254,10 @@ def run_protect(files, model, method, iterations, budget_255, seed, advanced, re
     summary = (f"{banner(model)}\n\n✅ {method} protected {len(paths)} photo(s) in {b['seconds']:.1f} s "
                f"({b['unet_calls']} UNet calls). Attacker loss on held-out draws: {b['attacker_loss_clean']:.5f} → "
                f"{b['attacker_loss_protected']:.5f}.")
+    squeezed = [p.name for p, s in zip(paths, result.stats["images"]) if s.get("squeezed")]
+    if squeezed:
+        summary += (f"\n\n⚠️ Longer than {MAX_ASPECT}:1, protected squeezed to {MAX_ASPECT}:1 (an attacker who keeps "
+                    f"the full length sees the perturbation at another scale): {', '.join(squeezed)}.")
     return ([str(p) for p in paths], (str(clean_pngs[0]), str(paths[0])), str(diff), rows,
             [str(p) for p in paths + manifests], summary)
 

@@ -1,7 +1,7 @@
 """Training data for the attacks, prepared as diffusers' DreamBooth example prepares it.
 
-Each view is resized so its short side is the backbone's resolution (bilinear, antialiased, as
-torchvision's Resize on a PIL image) and center-cropped to a square. The VAE posterior of every view (and of
+Each view is resized so its short side is the backbone's resolution and center-cropped to a square, with
+torchvision's Resize and CenterCrop arithmetic (bilinear, antialiased, as Resize does on a PIL image). The VAE posterior of every view (and of
 its mirror image, when flips are on) is computed once; each training step samples latents from it, as the
 example's `vae.encode(x).latent_dist.sample()` does, with the attack's own seeded generator.
 """
@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ldu.protect import as_loaded, center_square
 

@@ -207,9 +207,10 @@ def cmd_protect(args) -> int:
     from tqdm.auto import tqdm
 
     from .methods import Cancelled
-    from .protect import protect
+    from .protect import MAX_ASPECT, protect
 
-    total_steps = max(1, getattr(params, "iterations", 1)) * ((len(images) + args.batch_size - 1) // args.batch_size)
+    per_batch = max(1, getattr(params, "iterations", 1))
+    total_steps = per_batch * ((len(images) + args.batch_size - 1) // args.batch_size)
     bar = tqdm(total=total_steps, disable=args.quiet, unit="step", desc=f"{args.method} on {backbone.spec}")
     rows = []
     try:
@@ -218,7 +219,7 @@ def cmd_protect(args) -> int:
 
             done_before = bar.n
             result = protect(batch, backbone, method=args.method, params=params,
-                             callback=lambda info: _advance(bar, done_before, info))
+                             callback=lambda info: _advance(bar, done_before, per_batch, info))
             paths = result.save(args.out, names=names[start : start + len(batch)], manifest_dir=args.manifest_dir)
             rows += [(p, s) for p, s in zip(paths, result.stats["images"])]
     except Cancelled:
@@ -234,6 +235,10 @@ def cmd_protect(args) -> int:
     for path, s in rows:
         print(f"{str(path):<40} {s['psnr']:7.2f} {s['ssim']:6.4f} {s['rms_255']:8.2f} {s['linf_255']:8.2f}  "
               f"{s['attacker_loss_clean']:.5f} -> {s['attacker_loss_protected']:.5f}")
+    squeezed = [str(path) for path, s in rows if s.get("squeezed")]
+    if squeezed:
+        print(f"note: longer than {MAX_ASPECT}:1, protected squeezed to {MAX_ASPECT}:1 (an attacker who keeps the full length "
+              f"sees the perturbation at another scale): {', '.join(squeezed)}", file=sys.stderr)
     return 0
 
 
@@ -257,10 +262,11 @@ def check_device(name: str | None):
     return device
 
 
-def _advance(bar, offset: int, info: dict) -> bool:
-    """Progress callback: move the bar to this batch's step; never cancels (Ctrl-C does)."""
+def _advance(bar, offset: int, per_batch: int, info: dict) -> bool:
+    """Progress callback: move the bar to this batch's share of its `per_batch` steps (protect() counts over one
+    method call per canvas shape); never cancels (Ctrl-C does)."""
     if info.get("stage") not in ("start", "done"):
-        bar.update(offset + info["step"] - bar.n)
+        bar.update(offset + round(per_batch * info["step"] / max(1, info["total"])) - bar.n)
         if "attacker_loss" in info:
             bar.set_postfix(attacker_loss=f"{info['attacker_loss']:.4f}")
     return True

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -108,14 +109,29 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> to
     return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
 
 
+def resized_sides(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) after torchvision's Resize(size): the short side to `size`, the long one truncated to keep the aspect."""
+    if h <= w:
+        return size, max(size, int(size * w / h))
+    return max(size, int(size * h / w)), size
+
+
+def _crop_offset(n: int, size: int) -> int:
+    return int(round((n - size) / 2.0))  # torchvision's CenterCrop
+
+
 def center_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[3,H,W] in [0,1] -> [3,size,size]: short side resized to size (bilinear, antialiased, as torchvision's
-    Resize on a PIL image), centre square cropped: what diffusers' DreamBooth example trains on."""
+    """[3,H,W] in [0,1] -> [3,size,size]: what diffusers' DreamBooth example trains on, torchvision's Resize(size)
+    then CenterCrop(size) (bilinear, antialiased, as Resize does on a PIL image). A photo longer than MAX_ASPECT
+    short sides is first cut to its middle MAX_ASPECT (the square is there; resizing all of it could take gigabytes)."""
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        keep = MAX_ASPECT * min(h, w)
+        x = x[:, (h - keep) // 2 : (h - keep) // 2 + keep, :] if h > w else x[:, :, (w - keep) // 2 : (w - keep) // 2 + keep]
+        h, w = x.shape[-2:]
+    nh, nw = resized_sides(h, w, size)
     x = _resize(x[None].float(), (nh, nw), mode="bilinear")[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
+    top, left = _crop_offset(nh, size), _crop_offset(nw, size)
     return x[:, top : top + size, left : left + size].clamp(0, 1)
 
 
@@ -125,11 +141,18 @@ def to_working(images, backbone) -> torch.Tensor:
     return torch.stack([center_square(im, size) for im in images]).to(backbone.device)
 
 
+def canvas_multiple(backbone) -> int:
+    """What canvas sides are multiples of: what the backbone accepts, and such that half the difference of two
+    of them is a whole number of latent cells (so the attacker's centre square sits on the latent grid)."""
+    m = backbone.size_multiple
+    return m if (m // 2) % backbone.vae_scale_factor == 0 else 2 * m
+
+
 @dataclass(frozen=True)
 class Canvas:
     """Where an image sits on the method's canvas: resized to (h, w) (the attacker's resize, long side capped at
-    MAX_ASPECT short sides), then reflect-padded by (top, left) to shape (H, W), both multiples of the backbone's
-    size multiple. The padding puts the attacker's centre square at ((H - s) / 2, (W - s) / 2): whole latent
+    MAX_ASPECT short sides), then reflect-padded by (top, left) to shape (H, W), both multiples of
+    `canvas_multiple`. The padding puts the attacker's centre square at ((H - s) / 2, (W - s) / 2): whole latent
     cells from the canvas's corner, so it sees the latent grid the method optimised on."""
 
     h: int
@@ -142,12 +165,9 @@ class Canvas:
 
     @classmethod
     def of(cls, height: int, width: int, size: int, multiple: int) -> "Canvas":
-        def side(n: int, other: int) -> tuple[int, int, int]:  # (resized, padded, pad before) along one axis
-            v = size if n <= other else min(max(size, round(size * n / other)), MAX_ASPECT * size)
-            padded = -(-v // multiple) * multiple
-            return v, padded, (padded - size) // 2 - (v - size) // 2
-
-        (h, H, top), (w, W, left) = side(height, width), side(width, height)
+        h, w = (min(v, MAX_ASPECT * size) for v in resized_sides(height, width, size))
+        H, W = (-(-v // multiple) * multiple for v in (h, w))
+        top, left = ((P - size) // 2 - _crop_offset(v, size) for P, v in ((H, h), (W, w)))
         return cls(h, w, top, left, H, W, squeezed=max(height, width) > MAX_ASPECT * min(height, width))
 
     @property
@@ -163,6 +183,16 @@ class Canvas:
     def take(self, r: torch.Tensor) -> torch.Tensor:
         """[3,H,W] residual on the canvas -> [3,h,w], the part over the image."""
         return r[:, self.top : self.top + self.h, self.left : self.left + self.w]
+
+
+class _Run(NamedTuple):
+    """One method call: the images it protected (indices), their clean and protected canvases, its draws, its stats."""
+
+    images: list[int]
+    clean: torch.Tensor
+    protected: torch.Tensor
+    draws: object
+    stats: dict
 
 
 def protect(images, backbone, method: str = "ldu", params=None, callback=None) -> ProtectResult:
@@ -181,7 +211,7 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         raise ValueError(f"protect() takes 1 to {MAX_BATCH} images of one subject, got {len(sources)}: split them into batches")
     size = working_size(backbone)
     dev = backbone.device
-    canvases = [Canvas.of(*s.pixels.shape[-2:], size, backbone.size_multiple) for s in sources]
+    canvases = [Canvas.of(*s.pixels.shape[-2:], size, canvas_multiple(backbone)) for s in sources]
     groups: dict[tuple[int, int], list[int]] = {}  # one method call per canvas shape, in order of appearance
     for i, c in enumerate(canvases):
         groups.setdefault(c.shape, []).append(i)
@@ -192,22 +222,22 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
     backbone.reset_calls()
     t0 = time.perf_counter()
     report(callback, {"stage": "start", "step": 0, "total": iterations * len(groups)})
-    runs = []  # (indices, clean canvases, protected canvases, draws, the method's stats)
+    runs: list[_Run] = []
     for k, (shape, idx) in enumerate(groups.items()):
         x = torch.stack([canvases[i].place(sources[i].pixels) for i in idx]).to(dev)
         draws = make_draws(n_draws, len(idx), backbone.latent_shape(shape), backbone.num_train_timesteps, seed).to(dev)
         x_p, method_stats = m.fn(backbone, x, params, draws, _in_group(callback, k, len(groups)))
-        runs.append((idx, x, x_p.float().detach(), draws, method_stats))
+        runs.append(_Run(idx, x, x_p.float().detach(), draws, method_stats))
     seconds = time.perf_counter() - t0
     calls = dict(backbone.calls)
 
     rms_budget, linf_budget = m.budgets(params)
     out_images, per_image = [None] * len(sources), [None] * len(sources)
-    for idx, x, x_p, _, _ in runs:
-        for j, i in enumerate(idx):
+    for run in runs:
+        for j, i in enumerate(run.images):
             s, c = sources[i], canvases[i]
             clean = s.pixels.float()
-            r = _resize(c.take(x_p[j] - x[j])[None], tuple(clean.shape[-2:]))[0].cpu()
+            r = _resize(c.take(run.protected[j] - run.clean[j])[None], tuple(clean.shape[-2:]))[0].cpu()
             if s.gray:  # a single-channel source stays single-channel: perturb its luminance only
                 r = r.mean(0, keepdim=True).expand_as(r)
             r = project(r[None], None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)[0]  # a hair under: fp32
@@ -216,6 +246,8 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
             stats["budget_rms"], stats["budget_linf"] = rms_budget, linf_budget
             stats["working_shape"] = list(c.shape)
             stats["squeezed"] = c.squeezed
+            if "psnr_vs_base" in run.stats:
+                stats["psnr_vs_base_working_size"] = run.stats["psnr_vs_base"][j]
             per_image[i] = stats
 
     with torch.no_grad():
@@ -231,19 +263,14 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         loss = {"attacker_loss_clean": loss_of(x_clean, eval_draws), "attacker_loss_protected": loss_of(x_final, eval_draws),
                 "attacker_loss_clean_opt_draws": [0.0] * len(sources), "attacker_loss_protected_opt_draws": [0.0] * len(sources)}
         # ... and what the method optimised: the whole canvases, quantised result included, on its own draws.
-        for idx, x, _, draws, _ in runs:
-            final = torch.stack([canvases[i].place(out_images[i]) for i in idx]).to(dev)
-            for key, images in (("attacker_loss_clean_opt_draws", x), ("attacker_loss_protected_opt_draws", final)):
-                for i, v in zip(idx, loss_of(images, draws)):
+        for run in runs:
+            final = torch.stack([canvases[i].place(out_images[i]) for i in run.images]).to(dev)
+            for key, images in (("attacker_loss_clean_opt_draws", run.clean), ("attacker_loss_protected_opt_draws", final)):
+                for i, v in zip(run.images, loss_of(images, run.draws)):
                     loss[key][i] = v
     for i, stats in enumerate(per_image):
         for k, v in loss.items():
             stats[k] = v[i]
-    for idx, _, _, _, method_stats in runs:
-        for j, i in enumerate(idx):
-            if "psnr_vs_base" in method_stats:
-                per_image[i]["psnr_vs_base_working_size"] = method_stats["psnr_vs_base"][j]
-    method_stats = [{k: v for k, v in r[4].items() if k != "psnr_vs_base"} for r in runs]
     batch = {
         "seconds": seconds,
         "seconds_per_image": seconds / len(sources),
@@ -254,8 +281,9 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         "working_size": size,
         "eval_draws": EVAL_DRAWS,
         **{k: sum(v) / len(v) for k, v in loss.items()},
-        # one method call: its stats; images of several canvas shapes: one entry per call, with its images
-        "method": method_stats[0] if len(runs) == 1 else {"groups": [{"images": r[0], **st} for r, st in zip(runs, method_stats)]},
+        # one method call per canvas shape: the images it protected and what the method reported
+        "method": {"groups": [{"images": r.images, **{k: v for k, v in r.stats.items() if k != "psnr_vs_base"}}
+                              for r in runs]},
     }
     manifest = {
         "method": method,

@@ -160,3 +160,22 @@ def test_out_of_gpu_memory_is_a_message_and_the_app_keeps_serving(app_url, tmp_p
         c.predict([handle_file(str(good))], downloads, "tiny", "lora_dreambooth", 2, "none", 0, 1, api_name="/attack")
     monkeypatch.undo()
     assert c.predict(*protect_args([good], iterations=0), api_name="/protect")[4]
+
+
+def test_upload_sizes_for_the_estimate_follow_the_exif_orientation(tmp_path):
+    from PIL import Image
+
+    import app
+    from ldu import load_images
+
+    turned = tmp_path / "turned.jpg"
+    im = Image.new("RGB", (120, 90), (200, 100, 50))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(turned, exif=exif)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (120, 90)).save(plain)
+    assert app._sizes([str(turned), str(plain)]) == [(120, 90), (90, 120)]
+    assert tuple(load_images([turned])[0].pixels.shape[1:]) == (120, 90)  # what protect() will see
+    (tmp_path / "bad.png").write_text("not an image")
+    assert app._sizes([str(plain), str(tmp_path / "bad.png")]) is None

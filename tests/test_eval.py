@@ -246,7 +246,7 @@ def test_survives_posting_measures_the_gain_before_and_after_jpeg_and_resize(tin
     """The 'survives posting?' check on tiny (numbers meaningless there): its bookkeeping, and that posting happens."""
     from eval.compare import survives_posting
 
-    clean = [torch.from_numpy(np.asarray(rgb(64, 64, seed=i))).permute(2, 0, 1).float() / 255 for i in range(2)]
+    clean = [torch.from_numpy(np.array(rgb(64, 64, seed=i))).permute(2, 0, 1).float() / 255 for i in range(2)]
     protected = [(x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(i))).clamp(0, 1)
                  for i, x in enumerate(clean)]
     r = survives_posting(tiny, clean, protected, "a photo of sks person")

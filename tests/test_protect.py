@@ -44,7 +44,8 @@ def test_budget_holds_after_quantisation_for_every_image(tiny, budget_rms, linf)
 
 def test_gradient_reaches_the_shift_and_is_finite(tiny):
     result = protect([rgb(64, 64)], tiny, params=FAST)
-    g = result.stats["batch"]["method"]["grad_norm_first"]
+    (only,) = result.stats["batch"]["method"]["groups"]
+    g = only["grad_norm_first"]
     assert np.isfinite(g) and g > 0
 
 
@@ -80,7 +81,7 @@ def test_unet_calls_are_counted(tiny):
 def test_every_step_is_scored_even_with_one_step_per_round(tiny, iterations, rounds):
     r = protect([rgb(64, 64)], tiny, params={**FAST, "iterations": iterations, "rounds": rounds, "lr": 0.5})
     assert r.stats["images"][0]["rms"] > 0
-    assert len(r.stats["batch"]["method"]["curve"]) == iterations
+    assert len(r.stats["batch"]["method"]["groups"][0]["curve"]) == iterations
 
 
 def test_decode_mode_holds_its_constraint_across_rounds(tiny):
@@ -167,23 +168,38 @@ def test_sixteen_bit_source_is_quantised_in_sixteen_bit_steps(tiny, tmp_path):
     assert np.sqrt(((diff / 65535) ** 2).mean()) <= 2 / 255
 
 
-@pytest.mark.parametrize("hw", [(64, 64), (48, 80), (96, 128), (130, 61), (512, 683), (17, 1000)])
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80), (96, 128), (130, 61), (512, 683), (1408, 1419), (17, 1000)])
 @pytest.mark.parametrize("size,multiple,vae_factor", [(64, 16, 4), (512, 64, 8)])
 def test_the_attackers_centre_square_is_a_latent_aligned_window_of_the_canvas(hw, size, multiple, vae_factor):
-    from ldu.protect import MAX_ASPECT, Canvas, center_square
+    import torch.nn.functional as F
+
+    from ldu.protect import Canvas, center_square
 
     x = torch.rand(3, *hw, generator=torch.Generator().manual_seed(0))
     c = Canvas.of(*hw, size, multiple)
     assert c.H % multiple == 0 and c.W % multiple == 0 and min(c.h, c.w) == size
-    assert c.squeezed == (max(hw) > MAX_ASPECT * min(hw))
+    assert 0 <= c.H - c.h < multiple and 0 <= c.W - c.w < multiple
     canvas = c.place(x)
     assert canvas.shape == (3, c.H, c.W)
+    resized = F.interpolate(x[None], size=(c.h, c.w), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+    assert torch.equal(c.take(canvas), resized)  # the padding is around the photo, not over it
     top, left = (c.H - size) // 2, (c.W - size) // 2
     assert top % vae_factor == 0 and left % vae_factor == 0  # the attacker's latent grid is the method's
+    window = canvas[:, top : top + size, left : left + size]
     if not c.squeezed:  # the aspect kept: what the attacker trains on is exactly that window of the canvas
-        window = canvas[:, top : top + size, left : left + size]
         assert torch.allclose(window, center_square(x, size), atol=1e-6)
-    assert c.take(canvas).shape == (3, c.h, c.w)
+    else:  # 17 x 1000: squeezed to 4:1; the attacker's square comes from the photo's middle, not from all of it
+        assert max(c.h, c.w) == 4 * size and center_square(x, size).shape == (3, size, size)
+
+
+def test_torchvision_resize_and_center_crop_are_what_the_attacker_sees():
+    from torchvision.transforms import CenterCrop, Resize
+
+    from ldu.protect import center_square
+
+    x = torch.rand(3, 75, 100, generator=torch.Generator().manual_seed(1))
+    theirs = CenterCrop(64)(Resize(64, antialias=True)(x))  # diffusers' DreamBooth example, on a tensor
+    assert torch.allclose(center_square(x, 64), theirs.clamp(0, 1), atol=1e-5)
 
 
 def test_non_square_photos_are_protected_at_their_aspect_in_one_call_per_shape(tiny):

@@ -1,7 +1,7 @@
 """The registry of protection methods: name -> Method(params dataclass, function).
 
 A method is `fn(backbone, x, params, draws, callback) -> (x_protected, stats)` over float32 [B,3,h,w] in [0,1]
-at the working size. (DESIGN.md's contract returns x_protected alone; the small stats dict beside it carries
+canvases (`ldu.protect.Canvas`: short side at the backbone's resolution, any h x w it accepts; one call per shape). (DESIGN.md's contract returns x_protected alone; the small stats dict beside it carries
 what only the method knows: its loss curve, the first gradient norm, decode mode's PSNR against its
 reconstruction.) It never does I/O, resizing or the final budget projection: `ldu.protect()` does.
 `draws` is the fixed set of (t, eps) samples its attacker loss averages over; `callback(dict)` reports

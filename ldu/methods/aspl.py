@@ -6,6 +6,9 @@ diffusion loss on the perturbed images, and the surrogate itself is fine-tuned o
 surrogate here is a LoRA on the UNet (ldu.finetune), not a full UNet copy, so it fits in 12 GiB at 512² on SD 1.5;
 the "copy" is a snapshot of the LoRA weights restored after the PGD.
 
+The surrogate learns from the batch it is given: protect() calls a method once per canvas shape, so photos of
+different aspect ratios train separate surrogates (crop them to one aspect for one surrogate).
+
 Defaults scaled from the paper's scripts (eps 0.05 and alpha 0.005 on [-1,1] images = 0.025 and 0.0025 in [0,1]
 pixels; 50 rounds of 3 surrogate steps and 6 PGD steps; full fine-tune lr 5e-6, here LoRA rank 4 at lr 1e-4).
 """
