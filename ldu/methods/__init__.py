@@ -1,8 +1,9 @@
 """The registry of protection methods: name -> Method(params dataclass, function).
 
 A method is `fn(backbone, x, params, draws, callback) -> (x_protected, stats)` over float32 [B,3,h,w] in [0,1]
-canvases (`ldu.protect.Canvas`: short side at the backbone's resolution, any h x w it accepts; one call per shape). (DESIGN.md's contract returns x_protected alone; the small stats dict beside it carries
-what only the method knows: its loss curve, the first gradient norm, decode mode's PSNR against its
+canvases (`ldu.protect.Canvas`: the short side at the backbone's resolution, any h x w it accepts; protect()
+makes one call per shape). (DESIGN.md's contract returns x_protected alone; the small stats dict beside it
+carries what only the method knows: its loss curve, the first gradient norm, decode mode's PSNR against its
 reconstruction.) It never does I/O, resizing or the final budget projection: `ldu.protect()` does.
 `draws` is the fixed set of (t, eps) samples its attacker loss averages over; `callback(dict)` reports
 progress and returns False to cancel (the method then raises `Cancelled`). A new method is one file in
