@@ -216,3 +216,53 @@ def test_non_square_photos_are_protected_at_their_aspect_in_one_call_per_shape(t
         assert out.shape == img.pixels.shape and s["rms"] > 0
     steps = [c["step"] for c in calls if c.get("stage") == "ldu"]
     assert steps == sorted(steps) and steps[-1] == 3 * fast["iterations"]  # progress counts over the three calls
+
+
+@dataclasses.dataclass
+class _ProbeParams:
+    linf: float = 8 / 255
+    iterations: int = 2
+    seed: int = 0
+
+
+def _probe(backbone, x, p, draws, callback=None):
+    """A fake method whose residual is a fingerprint of its own image: +linf where it is brighter than its mean."""
+    from ldu.methods import report
+
+    for i in range(p.iterations):
+        report(callback, {"stage": "probe", "step": i + 1, "total": p.iterations})
+    sign = torch.where(x > x.mean(dim=(1, 2, 3), keepdim=True), 1.0, -1.0)
+    return (x + p.linf * sign).clamp(0, 1), {"shape": list(x.shape)}
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    from ldu.methods import Method, methods
+
+    monkeypatch.setitem(methods, "probe", Method(name="probe", params=_ProbeParams, fn=_probe, summary="test probe", binds="linf"))
+    return "probe"
+
+
+def test_each_image_gets_its_own_residual_back_across_calls_of_several_shapes(tiny, probe):
+    images = [rgb(64, 64, seed=1), rgb(80, 48, seed=2), rgb(64, 64, seed=3), rgb(80, 48, seed=4)]
+    r = protect(images, tiny, method=probe)
+    assert [g["images"] for g in r.stats["batch"]["method"]["groups"]] == [[0, 2], [1, 3]]
+    for i, (src, out) in enumerate(zip(r.sources, r.images)):
+        fingerprint = torch.where(src.pixels > src.pixels.mean(), 1.0, -1.0)
+        residual = out - src.pixels
+        agree = {k: float((residual * torch.where(o.pixels > o.pixels.mean(), 1.0, -1.0)).mean())
+                 for k, o in enumerate(r.sources) if o.pixels.shape == src.pixels.shape}
+        assert len(agree) == 2 and max(agree, key=agree.get) == i, agree  # its own fingerprint, not its neighbour's
+        assert float((residual * fingerprint).mean()) > 0.5 * 8 / 255
+
+
+def test_cancel_in_the_second_call_stops_protect(tiny, probe):
+    seen = []
+
+    def cb(info):
+        seen.append((info.get("group"), info.get("step")))
+        return info.get("group") != 2
+
+    with pytest.raises(Cancelled):
+        protect([rgb(64, 64, seed=1), rgb(80, 48, seed=2)], tiny, method=probe, callback=cb)
+    assert (1, 2) in seen and seen[-1] == (2, 3)  # the first call ran through, the second stopped at its first report
