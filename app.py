@@ -202,17 +202,10 @@ def estimate(files, model, method, iterations, budget_255, seed, advanced):
 def _sizes(files) -> list[tuple[int, int]] | None:
     """(height, width) of each upload as protect() will see it (EXIF orientation applied), from the file's header;
     None when one is not a readable image (the run itself says why)."""
-    from PIL import Image
-
-    from ldu.io import ORIENTATION
+    from ldu.io import oriented_size
 
     try:
-        sizes = []
-        for path in _paths(files):
-            with Image.open(path) as im:
-                turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # the orientations that swap the sides
-                sizes.append((im.width, im.height) if turned else (im.height, im.width))
-        return sizes
+        return [oriented_size(path) for path in _paths(files)]
     except Exception:  # noqa: BLE001
         return None
 
@@ -223,7 +216,7 @@ def run_protect(files, model, method, iterations, budget_255, seed, advanced, re
 
     from eval.metrics import measure
     from ldu.io import save_png
-    from ldu.protect import MAX_ASPECT, protect
+    from ldu.protect import protect, squeezed_note
 
     images = _load(files)
     bb = backbone(model)
@@ -256,8 +249,7 @@ def run_protect(files, model, method, iterations, budget_255, seed, advanced, re
                f"{b['attacker_loss_protected']:.5f}.")
     squeezed = [p.name for p, s in zip(paths, result.stats["images"]) if s.get("squeezed")]
     if squeezed:
-        summary += (f"\n\n⚠️ Longer than {MAX_ASPECT}:1, protected squeezed to {MAX_ASPECT}:1 (an attacker who keeps "
-                    f"the full length sees the perturbation at another scale): {', '.join(squeezed)}.")
+        summary += f"\n\n⚠️ {squeezed_note(squeezed)}."
     return ([str(p) for p in paths], (str(clean_pngs[0]), str(paths[0])), str(diff), rows,
             [str(p) for p in paths + manifests], summary)
 

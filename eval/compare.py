@@ -48,12 +48,11 @@ def estimate_seconds(backbone, method: str, params, n_images: int, sizes: list[t
         fixed = 0
     else:
         per_step, fixed = getattr(params, "draws", 1) + 1, 0
-    from ldu.protect import Canvas, canvas_multiple, working_size
+    from ldu.protect import canvases_for, working_size
 
     side = working_size(backbone)
     shapes: dict[tuple[int, int], float] = {}  # canvas shape -> images on it, in square-canvas units of area
-    for h, w in sizes or [(side, side)] * n_images:
-        c = Canvas.of(h, w, side, canvas_multiple(backbone))
+    for c in canvases_for(sizes or [(side, side)] * n_images, backbone):
         shapes[c.shape] = shapes.get(c.shape, 0.0) + c.H * c.W / side**2
     batch_factor = sum(0.5 + 0.5 * area for area in shapes.values())  # batched calls cost less than n separate ones
     return (it * per_step + fixed) * unet_seconds(backbone) * batch_factor

@@ -207,7 +207,7 @@ def cmd_protect(args) -> int:
     from tqdm.auto import tqdm
 
     from .methods import Cancelled
-    from .protect import MAX_ASPECT, protect
+    from .protect import protect, squeezed_note
 
     per_batch = max(1, getattr(params, "iterations", 1))
     total_steps = per_batch * ((len(images) + args.batch_size - 1) // args.batch_size)
@@ -237,8 +237,7 @@ def cmd_protect(args) -> int:
               f"{s['attacker_loss_clean']:.5f} -> {s['attacker_loss_protected']:.5f}")
     squeezed = [str(path) for path, s in rows if s.get("squeezed")]
     if squeezed:
-        print(f"note: longer than {MAX_ASPECT}:1, protected squeezed to {MAX_ASPECT}:1 (an attacker who keeps the full length "
-              f"sees the perturbation at another scale): {', '.join(squeezed)}", file=sys.stderr)
+        print(f"note: {squeezed_note(squeezed)}", file=sys.stderr)
     return 0
 
 

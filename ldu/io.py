@@ -256,6 +256,14 @@ def _png_bit_depth(data: bytes) -> int | None:
     return data[24]
 
 
+def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file as load_image() returns it (EXIF orientation applied), from its header
+    alone (no pixels decoded)."""
+    with Image.open(path) as img:
+        swap = img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # the orientations _orient transposes
+        return (img.width, img.height) if swap else (img.height, img.width)
+
+
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     """Apply EXIF orientation 1..8 to an [H,W(,C)] array (the transforms of PIL.ImageOps.exif_transpose)."""
     ops = {

@@ -185,6 +185,16 @@ class Canvas:
         return r[:, self.top : self.top + self.h, self.left : self.left + self.w]
 
 
+def canvases_for(sizes: list[tuple[int, int]], backbone) -> list[Canvas]:
+    """The canvas of each photo of size (height, width) on this backbone: what protect() runs the method on."""
+    return [Canvas.of(h, w, working_size(backbone), canvas_multiple(backbone)) for h, w in sizes]
+
+
+def squeezed_note(names: list[str]) -> str:
+    return (f"longer than {MAX_ASPECT}:1, protected squeezed to {MAX_ASPECT}:1 (an attacker who keeps the full length "
+            f"sees the perturbation at another scale): {', '.join(names)}")
+
+
 class _Run(NamedTuple):
     """One method call: the images it protected (indices), their clean and protected canvases, its draws, its stats."""
 
@@ -211,7 +221,7 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         raise ValueError(f"protect() takes 1 to {MAX_BATCH} images of one subject, got {len(sources)}: split them into batches")
     size = working_size(backbone)
     dev = backbone.device
-    canvases = [Canvas.of(*s.pixels.shape[-2:], size, canvas_multiple(backbone)) for s in sources]
+    canvases = canvases_for([tuple(s.pixels.shape[-2:]) for s in sources], backbone)
     groups: dict[tuple[int, int], list[int]] = {}  # one method call per canvas shape, in order of appearance
     for i, c in enumerate(canvases):
         groups.setdefault(c.shape, []).append(i)
