@@ -23,11 +23,11 @@ import torch
 from ldu.registry import check, param, report
 
 from .data import DreamBoothBatches, train_loop
-from .train import Attack, AttackOutput, check_common
+from .train import Attack, AttackOutput, AttackParams
 
 
 @dataclass
-class DreamBoothParams:
+class DreamBoothParams(AttackParams):
     steps: int = param(400, "training steps")
     lr: float = param(5e-6, "AdamW learning rate")
     batch_size: int = param(1, "instance images per step")
@@ -47,13 +47,13 @@ class DreamBoothParams:
     seed: int = param(0, "seed of data order, noise and timesteps")
 
     def __post_init__(self):
-        check_common(self)
+        super().__post_init__()
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
 
 
 def _optimizer(params, p: DreamBoothParams, device: torch.device):
     if p.use_8bit_adam and device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: present only on some GPU machines
 
         return bnb.optim.AdamW8bit(params, lr=p.lr, weight_decay=p.weight_decay)
     return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
@@ -65,11 +65,11 @@ def _fp32_copy(backbone, name: str) -> torch.nn.Module:
     module = getattr(backbone, name)
     if backbone.dtype != torch.float32 and (backbone.path / name).is_dir():
         if name == "unet":
-            from diffusers import UNet2DConditionModel
+            from diffusers import UNet2DConditionModel  # deferred: diffusers takes seconds to import
 
             fresh = UNet2DConditionModel.from_pretrained(backbone.path, subfolder="unet", dtype=torch.float32)
         else:
-            from transformers import CLIPTextModel
+            from transformers import CLIPTextModel  # deferred, as diffusers
 
             fresh = CLIPTextModel.from_pretrained(backbone.path, subfolder="text_encoder", dtype=torch.float32)
         return fresh.to(backbone.device)
@@ -117,4 +117,5 @@ ATTACK = Attack(
     kind="dreambooth",
     summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
     defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4)},
+    cost=lambda p: p.steps * p.batch_size * 1.5 * (2 if p.prior_preservation else 1),  # UNet forward+backward equivalents
 )

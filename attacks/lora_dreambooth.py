@@ -21,13 +21,13 @@ from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
 from .data import DreamBoothBatches, train_loop
-from .train import Attack, AttackOutput, check_common
+from .train import Attack, AttackOutput, AttackParams
 
 ADAPTER = "ldu_attack"
 
 
 @dataclass
-class LoRAParams:
+class LoRAParams(AttackParams):
     steps: int = param(400, "training steps")
     rank: int = param(4, "LoRA rank")
     alpha: float | None = param(None, "LoRA alpha (None: = rank, scale 1)")
@@ -49,12 +49,13 @@ class LoRAParams:
     seed: int = param(0, "seed of LoRA init, data order, noise and timesteps")
 
     def __post_init__(self):
-        check_common(self)
+        super().__post_init__()
         check(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
 
 
 def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callback=None) -> AttackOutput:
+    # deferred: diffusers and peft take seconds to import; only training needs them
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -103,4 +104,5 @@ ATTACK = Attack(
     # pocket: lr 3e-4 learns the subject's look while other prompts move less (1e-4 learns too little, 1e-3 moves
     # every prompt; measured with eval.efficacy, README "Personalization on pocket").
     defaults={"tiny": dict(steps=20, num_class_images=4, lr=1e-3), "pocket": dict(lr=3e-4)},
+    cost=lambda p: p.steps * p.batch_size * (1.5 if p.train_text_encoder else 1.0) * (2 if p.prior_preservation else 1),  # UNet forward+backward equivalents
 )

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldu.ddim import ddim_denoise, ddim_timesteps
-from ldu.registry import Entry, check, lookup, param, report
+from ldu.protect import as_loaded
+from ldu.registry import Entry, Registry, check, finite, param, report
 
 
 class PurificationUnavailable(RuntimeError):
@@ -30,22 +31,19 @@ class Purification(Entry):
     needs_backbone: bool = False
 
 
-purifications: dict[str, Purification] = {}
+purifications: Registry = Registry("purification", Purification)
 
 
 def register(p: Purification) -> Purification:
-    purifications[p.name] = p
-    return p
+    return purifications.register(p)
 
 
 def get_purification(name: str) -> Purification:
-    return lookup(purifications, name, "purification")
+    return purifications.entry(name)
 
 
 def purify(images, name: str, params=None, backbone=None, callback=None) -> list[torch.Tensor]:
     """Apply a registered purification to [3,H,W] images (or anything ldu.protect.as_loaded takes)."""
-    from ldu.protect import as_loaded
-
     entry = get_purification(name)
     if params is None or isinstance(params, dict):
         params = entry.make_params(backbone.kind if backbone is not None else "sd", **(params or {}))
@@ -85,7 +83,7 @@ class BlurParams:
 
 
 def gaussian_blur(images, p: BlurParams, backbone=None, callback=None):
-    from torchvision.transforms.functional import gaussian_blur as blur
+    from torchvision.transforms.functional import gaussian_blur as blur  # deferred: torchvision is slow to import
 
     out = []
     for x in images:  # the kernel covers 3 sigma, but never more than the image (reflect padding needs that)
@@ -241,7 +239,7 @@ def noisy_upscale(images, p: NoisyUpscaleParams, backbone=None, callback=None):
         raise PurificationUnavailable(
             "noisy_upscale needs an upscaler model: set model=<local folder of stabilityai/stable-diffusion-x4-upscaler "
             "in diffusers layout> (download it on a machine with access: hf download ... --local-dir DIR)")
-    from diffusers import StableDiffusionUpscalePipeline
+    from diffusers import StableDiffusionUpscalePipeline  # deferred: only this purification needs it
 
     device = backbone.device if backbone is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -278,11 +276,11 @@ for _p in (
     Purification(name="gaussian_noise", params=NoiseParams, fn=gaussian_noise, summary="additive Gaussian noise"),
     Purification(name="diffpure", params=DiffPureParams, fn=diffpure, needs_backbone=True,
                  summary="DiffPure/SDEdit: noise the latents to t, DDIM-denoise with the backbone",
-                 defaults={"tiny": dict(steps=2)}),
+                 defaults={"tiny": dict(steps=2)}, cost=lambda p: 0.5 * p.steps),
     Purification(name="gridpure", params=GridPureParams, fn=gridpure, needs_backbone=True,
                  summary="GrIDPure: DiffPure on overlapping model-size tiles at full resolution",
-                 defaults={"tiny": dict(steps=2)}),
-    Purification(name="noisy_upscale", params=NoisyUpscaleParams, fn=noisy_upscale,
+                 defaults={"tiny": dict(steps=2)}, cost=lambda p: 2 * p.steps * p.iterations),
+    Purification(name="noisy_upscale", params=NoisyUpscaleParams, fn=noisy_upscale, listed=False,
                  summary="noise then the SD x4 upscaler (unavailable without an upscaler model)"),
 ):
     register(_p)

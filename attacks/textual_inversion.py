@@ -15,13 +15,14 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save_file
 
 from ldu.finetune import forked_rng
 from ldu.registry import check, param, report
 
 from .adapter import TI_FILE
 from .data import Posteriors, Shuffler, train_loop
-from .train import Attack, AttackOutput, check_common
+from .train import Attack, AttackOutput, AttackParams
 
 # A few of the object templates of the Textual Inversion paper's code (imagenet_templates_small).
 TEMPLATES = (
@@ -32,31 +33,39 @@ TEMPLATES = (
 
 
 @dataclass
-class TIParams:
+class TIParams(AttackParams):
     steps: int = param(500, "training steps")
     lr: float = param(2e-3, "AdamW learning rate of the embedding")
     batch_size: int = param(1, "images per step")
     token: str = param("<sks>", "the new placeholder token (must not be in the vocabulary)")
-    initializer: str = param("person", "a single-token word whose embedding starts the new one")
-    instance_prompt: str = param("a photo of a <sks>", "the prompt generation and post_attack_loss use; must contain the token")
+    initializer: str | None = param(None, "a single-token word whose embedding starts the new one (None: the last "
+                                          "word of the instance prompt that is one token, e.g. its class noun)")
+    instance_prompt: str = param("a photo of a <sks> person", "the prompt generation and post_attack_loss use; must "
+                                                             "contain the token")
     templates: bool = param(True, "train on the paper's object templates (else only on instance_prompt)")
     weight_decay: float = param(1e-2, "AdamW weight decay")
     flip: bool = param(False, "random horizontal flips")
     seed: int = param(0, "seed of data order, templates, noise and timesteps")
 
     def __post_init__(self):
-        check_common(self)
+        super().__post_init__()
         check(" " not in self.token.strip(), f"token must be one word, got {self.token!r}")
 
 
-def textual_inversion(backbone, views: torch.Tensor, p: TIParams, workdir, callback=None) -> AttackOutput:
-    from safetensors.torch import save_file
+def _initializer(tokenizer, p) -> str:
+    """The last word of the instance prompt (not the token) that the vocabulary spells as one token."""
+    words = [w for w in p.instance_prompt.replace(p.token, " ").split() if len(tokenizer.encode(w, add_special_tokens=False)) == 1]
+    if not words:
+        raise ValueError(f"no word of {p.instance_prompt!r} is one token of this vocabulary: set initializer")
+    return words[-1]
 
+
+def textual_inversion(backbone, views: torch.Tensor, p: TIParams, workdir, callback=None) -> AttackOutput:
     tokenizer = copy.deepcopy(backbone.tokenizer)
     # A word the vocabulary already spells as one token ("person" -> "person</w>") is not new either.
     if len(tokenizer.encode(p.token, add_special_tokens=False)) == 1 or tokenizer.add_tokens(p.token) == 0:
         raise ValueError(f"token {p.token!r} is already in the vocabulary: choose a new placeholder like <sks>")
-    init_ids = tokenizer.encode(p.initializer, add_special_tokens=False)
+    init_ids = tokenizer.encode(p.initializer or _initializer(tokenizer, p), add_special_tokens=False)
     if len(init_ids) != 1:
         raise ValueError(f"initializer {p.initializer!r} is {len(init_ids)} tokens: choose a word that is one token")
     token_id = tokenizer.convert_tokens_to_ids(p.token)
@@ -106,5 +115,7 @@ ATTACK = Attack(
     fn=textual_inversion,
     kind="textual_inversion",
     summary="Textual Inversion: learn one new token embedding for the subject (only that row trains)",
-    defaults={"tiny": dict(steps=20, lr=5e-2, initializer="person")},
+    defaults={"tiny": dict(steps=20, lr=5e-2)},
+    prompts=lambda noun: {"instance_prompt": f"a photo of a <sks> {noun}"},
+    cost=lambda p: p.steps * p.batch_size * 1.2,  # UNet forward+backward equivalents
 )

@@ -18,11 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ldu.registry import Entry, check, lookup
+from ldu.protect import instance_views
+from ldu.registry import Entry, Registry, check, finite, param
 
 from .adapter import RECORD, Adapter, finish
-from .data import instance_views
 
 
 @dataclass
@@ -33,32 +34,61 @@ class AttackOutput:
     train_curve: list[float] = field(default_factory=list)
 
 
+MAX_STEPS = 100_000
+
+
+@dataclass(kw_only=True)
+class AttackParams:
+    """What every attack's parameters have; each attack sets its own defaults and adds its own fields."""
+
+    steps: int = param(400, "training steps")
+    lr: float = param(1e-4, "AdamW learning rate")
+    batch_size: int = param(1, "instance images per step")
+    token: str = param("sks", "the rare instance word")
+    instance_prompt: str = param("a photo of sks person", "training prompt; must contain the token")
+    seed: int = param(0, "seed of the attack's initialisation, data order, noise and timesteps")
+
+    def __post_init__(self):
+        finite(self, "lr")
+        check(1 <= self.steps <= MAX_STEPS, f"steps must be 1 to {MAX_STEPS}, got {self.steps}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        check(1 <= self.batch_size <= 64, f"batch_size must be 1 to 64, got {self.batch_size}")
+        check(bool(self.token.strip()), "token must not be empty")
+        check(len(self.instance_prompt) <= 1000, "instance_prompt must be at most 1000 characters (77 tokens are read)")
+        check(self.token in re.findall(r"[^\s,.;:!?\"']+", self.instance_prompt),
+              f"instance_prompt {self.instance_prompt!r} does not contain the token {self.token!r}: the attack would "
+              "learn nothing to call up")
+
+
+def subject_prompts(noun: str, token: str = "sks") -> dict:
+    """An attack's prompts for a subject of this class noun (DreamBooth's "a photo of sks dog")."""
+    return {"instance_prompt": f"a photo of {token} {noun}", "class_prompt": f"a photo of a {noun}"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Attack(Entry):
     kind: str
+    # noun -> the overrides that aim the attack at a subject of that class (its instance prompt, ...)
+    prompts: Callable = subject_prompts
 
 
-attacks: dict[str, Attack] = {}
+attacks: Registry = Registry("attack", Attack)
 
 
 def register(attack: Attack) -> Attack:
-    attacks[attack.name] = attack
-    return attack
+    return attacks.register(attack)
 
 
 def get_attack(name: str) -> Attack:
-    return lookup(attacks, name, "attack")
+    return attacks.entry(name)
 
 
-def check_common(p, token_field: str = "token", prompt_field: str = "instance_prompt") -> None:
-    """Checks every attack's params share: steps, learning rate, batch size, and the token in the prompt."""
-    check(p.steps >= 1, f"steps must be at least 1, got {p.steps}")
-    check(p.lr > 0, f"lr must be positive, got {p.lr}")
-    check(p.batch_size >= 1, f"batch_size must be at least 1, got {p.batch_size}")
-    token, prompt = getattr(p, token_field), getattr(p, prompt_field)
-    check(bool(token.strip()), f"{token_field} must not be empty")
-    check(token in re.findall(r"[^\s,.;:!?\"']+", prompt),
-          f"{prompt_field} {prompt!r} does not contain the token {token!r}: the attack would learn nothing to call up")
+def aimed(attack: str, noun: str, params: dict | None = None) -> dict:
+    """An attack's parameter overrides aimed at a subject of class `noun`, plus `params` (which win), keeping
+    only the names the attack has."""
+    entry = get_attack(attack)
+    names = {f.name for f in dataclasses.fields(entry.params)}
+    return {**{k: v for k, v in entry.prompts(noun).items() if k in names}, **(params or {})}
 
 
 def train(backbone, images, attack: str = "lora_dreambooth", params=None, out: str | Path | None = None,

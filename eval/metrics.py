@@ -13,6 +13,7 @@ runner records it beside these.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ldu import metrics as base
+from ldu.registry import Entry, NoParams, Registry
 
 
 class MetricUnavailable(RuntimeError):
@@ -32,29 +35,24 @@ class NothingToMeasure(MetricUnavailable):
     """The metric works here, but these images give it nothing to measure (no face in them, say)."""
 
 
-@dataclass(frozen=True)
-class Metric:
-    name: str
+@dataclass(frozen=True, kw_only=True)
+class Metric(Entry):
     kind: str  # "imperceptibility" | "efficacy"
-    fn: Callable
-    summary: str
     # Imperceptibility: is a higher value less visible? Efficacy: does a higher value mean the attack learned the
     # subject worse (better protection)? None where it depends (CLIP-T).
     higher_is_better: bool | None = None
+    params: type = NoParams
 
 
-metrics: dict[str, Metric] = {}
+metrics: Registry = Registry("metric", Metric)
 
 
 def register(m: Metric) -> Metric:
-    metrics[m.name] = m
-    return m
+    return metrics.register(m)
 
 
 def get_metric(name: str) -> Metric:
-    if name not in metrics:
-        raise ValueError(f"unknown metric {name!r} (known: {', '.join(sorted(metrics))})")
-    return metrics[name]
+    return metrics.entry(name)
 
 
 def measure(name: str, *args) -> float | str:
@@ -100,7 +98,7 @@ def lpips_distance(clean, protected) -> float:
     if not _hub_checkpoint(ALEXNET).exists():
         raise MetricUnavailable(f"LPIPS needs torchvision's AlexNet weights: put {ALEXNET} in {_hub_checkpoint(ALEXNET).parent} "
                                 "(torchvision.models.alexnet(weights='DEFAULT') downloads it on a machine with access)")
-    import lpips
+    import lpips  # deferred: the optional metrics load their libraries only when asked (here and below)
 
     model = _cached("lpips", lambda: lpips.LPIPS(net="alex", verbose=False).eval())
     with torch.no_grad():
@@ -112,8 +110,6 @@ INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
 
 
 def _inception_available() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("torch_fidelity") is None:
         raise MetricUnavailable("FID/KID need the torch-fidelity package (pip install torch-fidelity) and its Inception weights")
     if not _hub_checkpoint(INCEPTION).exists():
@@ -125,24 +121,30 @@ def _uint8(images) -> torch.Tensor:
     return (_stack(images).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+KID_MIN, FID_MIN = 4, 50
+
+
 def kid(a, b) -> float:
-    """Kernel Inception Distance between two image sets (preferred to FID for 4-16 images)."""
+    """Kernel Inception Distance between two image sets (preferred to FID for 4-16 images): the mean over 10
+    random subsets of half the smaller set (subsets of the whole set would all be the same one)."""
+    n = min(len(a), len(b))
+    if n < KID_MIN:
+        raise MetricUnavailable(f"too few images (need >= {KID_MIN} per set, got {n})")
     _inception_available()
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    n = min(len(a), len(b))
-    if n < 2:
-        raise MetricUnavailable("KID needs at least 2 images per set")
-    m = KernelInceptionDistance(subset_size=n, subsets=10, reset_real_features=True)
+    m = KernelInceptionDistance(subset_size=n // 2, subsets=10, reset_real_features=True)
     m.update(_uint8(a), real=True)
     m.update(_uint8(b), real=False)
     return float(m.compute()[0])
 
 
 def fid(a, b) -> float:
+    """Frechet Inception Distance; below FID_MIN images per set its bias swamps any difference (use kid)."""
+    n = min(len(a), len(b))
+    if n < FID_MIN:
+        raise MetricUnavailable(f"too few images (need >= {FID_MIN} per set, got {n}; kid works from {KID_MIN})")
     _inception_available()
-    if min(len(a), len(b)) < 2:
-        raise MetricUnavailable("FID needs at least 2 images per set")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     m = FrechetInceptionDistance(feature=2048)
@@ -252,8 +254,6 @@ def _mtcnn():
 
 def _faces(images) -> list[torch.Tensor | None]:
     """The largest face of each image as a 160x160 whitened crop, or None where MTCNN finds none."""
-    from PIL import Image
-
     mtcnn = _mtcnn()
     pil = [Image.fromarray((im.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()) for im in images]
     return [mtcnn(p) for p in pil]
@@ -298,20 +298,20 @@ def _cached(key, make):
 
 
 for _m in (
-    Metric("psnr", "imperceptibility", psnr, "PSNR in dB, protected vs clean (torchmetrics-equivalent, fp32)", True),
-    Metric("ssim", "imperceptibility", ssim, "SSIM, protected vs clean (torchmetrics)", True),
-    Metric("linf", "imperceptibility", linf, "largest pixel change, [0,1] units", False),
-    Metric("rms", "imperceptibility", rms, "RMS pixel change per image, [0,1] units", False),
-    Metric("lpips", "imperceptibility", lpips_distance, "LPIPS (AlexNet), protected vs clean", False),
-    Metric("kid", "imperceptibility", kid, "KID between the clean and protected sets (Inception)", False),
-    Metric("fid", "imperceptibility", fid, "FID between the clean and protected sets (Inception; noisy below ~50 images)", False),
-    Metric("thumb_distance", "efficacy", thumb_distance, "8x8 colour-thumbnail distance of generations to the subject (weight-free, crude)", True),
-    Metric("clip_i", "efficacy", clip_i, "CLIP-I: image-image similarity of generations to the subject", False),
-    Metric("clip_t", "efficacy", clip_t, "CLIP-T: prompt fidelity of the generations", None),
-    Metric("dino", "efficacy", dino, "DINO similarity of generations to the subject", False),
-    Metric("clip_iqa", "efficacy", clip_iqa, "CLIP-IQA quality of the generations", False),
-    Metric("kid_generations", "efficacy", kid_generations, "KID between generations and the subject's photos", True),
-    Metric("face_similarity", "efficacy", face_similarity, "ISM: FaceNet similarity of generated faces to the subject's", False),
-    Metric("face_detection_failure", "efficacy", face_detection_failure, "FDFR: fraction of generations with no face (MTCNN)", True),
+    Metric(name="psnr", kind="imperceptibility", fn=psnr, summary="PSNR in dB, protected vs clean (torchmetrics-equivalent, fp32)", higher_is_better=True),
+    Metric(name="ssim", kind="imperceptibility", fn=ssim, summary="SSIM, protected vs clean (torchmetrics)", higher_is_better=True),
+    Metric(name="linf", kind="imperceptibility", fn=linf, summary="largest pixel change, [0,1] units", higher_is_better=False),
+    Metric(name="rms", kind="imperceptibility", fn=rms, summary="RMS pixel change per image, [0,1] units", higher_is_better=False),
+    Metric(name="lpips", kind="imperceptibility", fn=lpips_distance, summary="LPIPS (AlexNet), protected vs clean", higher_is_better=False),
+    Metric(name="kid", kind="imperceptibility", fn=kid, summary="KID between the clean and protected sets (Inception)", higher_is_better=False),
+    Metric(name="fid", kind="imperceptibility", fn=fid, summary="FID between the clean and protected sets (Inception; noisy below ~50 images)", higher_is_better=False),
+    Metric(name="thumb_distance", kind="efficacy", fn=thumb_distance, summary="8x8 colour-thumbnail distance of generations to the subject (weight-free, crude)", higher_is_better=True),
+    Metric(name="clip_i", kind="efficacy", fn=clip_i, summary="CLIP-I: image-image similarity of generations to the subject", higher_is_better=False),
+    Metric(name="clip_t", kind="efficacy", fn=clip_t, summary="CLIP-T: prompt fidelity of the generations", higher_is_better=None),
+    Metric(name="dino", kind="efficacy", fn=dino, summary="DINO similarity of generations to the subject", higher_is_better=False),
+    Metric(name="clip_iqa", kind="efficacy", fn=clip_iqa, summary="CLIP-IQA quality of the generations", higher_is_better=False),
+    Metric(name="kid_generations", kind="efficacy", fn=kid_generations, summary="KID between generations and the subject's photos", higher_is_better=True),
+    Metric(name="face_similarity", kind="efficacy", fn=face_similarity, summary="ISM: FaceNet similarity of generated faces to the subject's", higher_is_better=False),
+    Metric(name="face_detection_failure", kind="efficacy", fn=face_detection_failure, summary="FDFR: fraction of generations with no face (MTCNN)", higher_is_better=True),
 ):
     register(_m)

@@ -122,7 +122,8 @@ def test_post_attack_loss_falls_on_what_the_attack_learned(tiny, views, tmp_path
 
 @pytest.mark.parametrize("attack,params,phrase", [
     ("nope", {}, "unknown attack"),
-    ("lora_dreambooth", {"steps": 0}, "steps must be at least 1"),
+    ("lora_dreambooth", {"steps": 0}, "steps must be 1 to"),
+    ("lora_dreambooth", {"lr": float("nan")}, "lr must be a finite number"),
     ("lora_dreambooth", {"instance_prompt": "a photo of a person"}, "does not contain the token"),
     ("textual_inversion", {"instance_prompt": "a photo of a thing"}, "does not contain the token"),
     ("textual_inversion", {"token": "person", "instance_prompt": "a photo of a person"}, "already in the vocabulary"),

@@ -16,7 +16,7 @@ def test_every_baseline_is_registered_with_a_linf_budget_in_pixel_units():
     for name in BASELINES:
         m = methods[name]
         p = m.make_params("sd")
-        assert m.binds == "linf" and 0 < p.linf <= 16 / 255 + 1e-12
+        assert m.budget_field == "linf" and 0 < p.linf <= 16 / 255 + 1e-12
         assert m.budgets(p) == (None, p.linf)
         assert m.params.__doc__ is not None
 
@@ -34,8 +34,15 @@ def test_budget_holds_after_quantisation_and_the_objective_improves(tiny, name):
         assert s["linf"] <= linf + 1e-6 and s["linf_255"] <= 4 + 1e-4 and "rms" in s and "linf_255" in s and "rms_255" in s
     own = r.stats["batch"]["method"]  # a 64x64 and a 48x80 image: two canvas shapes, one method call each
     assert [g["images"] for g in own["groups"]] == [[0], [1]]
-    for g in own["groups"]:
-        assert all(f > c for f, c in zip(g["objective_final"], g["objective_clean"])), g
+    for g in own["groups"]:  # against where the optimisation started (PID starts at a random point, not at x)
+        start = g.get("objective_start", g["objective_clean"])
+        assert all(f > c for f, c in zip(g["objective_final"], start)), g
+
+
+def test_pid_with_no_iterations_does_not_pass_for_an_improvement(tiny):
+    r = protect([rgb(64, 64, seed=1)], tiny, method="pid", params={"iterations": 0})
+    (g,) = r.stats["batch"]["method"]["groups"]
+    assert g["objective_final"] == g["objective_start"]  # the random start alone is no improvement
 
 
 def test_aspl_leaves_no_surrogate_behind(tiny):
@@ -60,6 +67,7 @@ def test_methods_listing_names_every_baseline(capsys):
         assert f"{name}:" in out
 
 
-def test_aspl_iterations_count_every_pgd_step():
-    p = get_method("aspl").make_params("sd")
-    assert p.iterations == p.rounds * p.pgd_steps == 300
+def test_aspl_progress_counts_every_pgd_step():
+    m = get_method("aspl")
+    p = m.make_params("sd")
+    assert m.steps(p) == p.rounds * p.pgd_steps == 300 and m.effort_field == "rounds"

@@ -14,23 +14,22 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import attacker_loss
-from . import Method, check, check_budget, param
+from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import fresh_draws, pgd
 
 
 @dataclass
-class AdvDMParams:
+class AdvDMParams(MethodParams):
     linf: float = param(8 / 255, "Linf budget, [0,1] pixels (binding)")
     budget_rms: float | None = param(None, "optional RMS cap, [0,1] pixels (off: AdvDM is an Linf attack)")
     iterations: int = param(100, "PGD steps")
     step_size: float = param(1 / 255, "PGD step, [0,1] pixels")
     draws: int = param(1, "fresh (t, eps) draws per step per image")
     resample: bool = param(True, "fresh draws every step (the paper's Monte-Carlo estimate), else protect()'s fixed draws")
-    prompt: str = param("a photo of sks person", "the attack prompt the diffusion loss is conditioned on")
-    seed: int = param(0, "seed of the draws")
 
     def __post_init__(self):
         check_budget(self)
+        finite(self, "step_size")
         check(self.linf is not None, "advdm needs linf (its binding budget)")
         check(self.iterations >= 0 and self.draws >= 1 and self.step_size > 0, "iterations >= 0, draws >= 1, step_size > 0")
 
@@ -52,7 +51,8 @@ def advdm(backbone, x: torch.Tensor, p: AdvDMParams, draws, callback=None):
 
 
 METHOD = Method(
-    name="advdm", params=AdvDMParams, fn=advdm, binds="linf",
+    name="advdm", params=AdvDMParams, fn=advdm, budget_field="linf",
     summary="AdvDM: pixel PGD maximising the diffusion loss of E(x + eta) (Liang et al. 2023)",
     defaults={"tiny": dict(iterations=6)},
+    cost=lambda p: p.iterations * (p.draws + 1),
 )

@@ -21,14 +21,14 @@ import torch
 
 from ..finetune import UNET_LORA_TARGETS, add_lora, remove_lora, train_step
 from ..losses import attacker_loss
-from . import Method, check, check_budget, param
+from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import fresh_draws, pgd
 
 ADAPTER = "ldu_aspl_surrogate"
 
 
 @dataclass
-class ASPLParams:
+class ASPLParams(MethodParams):
     linf: float = param(0.05 / 2, "Linf budget, [0,1] pixels (binding; the paper's 0.05 on [-1,1])")
     budget_rms: float | None = param(None, "optional RMS cap, [0,1] pixels")
     rounds: int = param(50, "alternations of surrogate learning and perturbation learning")
@@ -38,15 +38,10 @@ class ASPLParams:
     rank: int = param(4, "surrogate LoRA rank")
     lr: float = param(1e-4, "surrogate LoRA learning rate")
     resample: bool = param(True, "fresh draws every PGD step (the paper), else protect()'s fixed draws")
-    prompt: str = param("a photo of sks person", "the instance prompt the surrogate is fine-tuned with")
-    seed: int = param(0, "seed of LoRA init, latents, noise and timesteps")
-
-    @property
-    def iterations(self) -> int:
-        return self.rounds * self.pgd_steps
 
     def __post_init__(self):
         check_budget(self)
+        finite(self, "step_size", "lr")
         check(self.linf is not None, "aspl needs linf (its binding budget)")
         check(self.rounds >= 0 and self.surrogate_steps >= 0 and self.pgd_steps >= 0, "rounds and steps must be >= 0")
         check(self.rank >= 1 and self.lr > 0 and self.step_size > 0, "rank >= 1, lr > 0, step_size > 0")
@@ -78,7 +73,7 @@ def aspl(backbone, x: torch.Tensor, p: ASPLParams, draws, callback=None):
             snapshot = [q.detach().clone() for q in lora]
             finetune(x)  # the surrogate copy learns the clean subject...
             x_adv, c = pgd(x, objective, p.linf, p.pgd_steps, p.step_size, callback, stage="aspl",
-                           step_offset=r * p.pgd_steps, total=p.iterations, start=x_adv)
+                           step_offset=r * p.pgd_steps, total=p.rounds * p.pgd_steps, start=x_adv)
             curve += c
             if r == p.rounds - 1:  # ASPL's own objective: the clean-trained surrogate's loss, under fixed draws
                 with torch.no_grad():
@@ -95,7 +90,11 @@ def aspl(backbone, x: torch.Tensor, p: ASPLParams, draws, callback=None):
 
 
 METHOD = Method(
-    name="aspl", params=ASPLParams, fn=aspl, binds="linf",
+    name="aspl", params=ASPLParams, fn=aspl, budget_field="linf",
     summary="ASPL (Anti-DreamBooth): alternate LoRA surrogate fine-tuning and PGD (Van Le et al. 2023)",
     defaults={"tiny": dict(rounds=2, surrogate_steps=1, pgd_steps=2)},
+    effort_field="rounds",
+    per_image=False,  # its surrogate learns from the whole set: photos are protected together
+    steps=lambda p: p.rounds * p.pgd_steps,
+    cost=lambda p: p.rounds * (2 * p.pgd_steps + 2 * p.surrogate_steps),
 )

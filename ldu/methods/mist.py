@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import diffusion_loss
-from . import Method, check, check_budget, param
+from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import fresh_draws, pgd
 
 
 @dataclass
-class MistParams:
+class MistParams(MethodParams):
     linf: float = param(16 / 255, "Linf budget, [0,1] pixels (binding)")
     budget_rms: float | None = param(None, "optional RMS cap, [0,1] pixels")
     iterations: int = param(100, "PGD steps")
@@ -28,11 +28,10 @@ class MistParams:
     texture_weight: float = param(1.0, "weight of the textural loss toward the pattern's latent")
     draws: int = param(1, "fresh (t, eps) draws per step per image for the semantic loss")
     resample: bool = param(True, "fresh draws every step (the paper's Monte-Carlo estimate), else protect()'s fixed draws")
-    prompt: str = param("a photo of sks person", "the attack prompt of the semantic loss")
-    seed: int = param(0, "seed of the draws")
 
     def __post_init__(self):
         check_budget(self)
+        finite(self, "step_size", "texture_weight")
         check(self.linf is not None, "mist needs linf (its binding budget)")
         check(self.iterations >= 0 and self.draws >= 1 and self.step_size > 0, "iterations >= 0, draws >= 1, step_size > 0")
 
@@ -70,7 +69,8 @@ def mist(backbone, x: torch.Tensor, p: MistParams, draws, callback=None):
 
 
 METHOD = Method(
-    name="mist", params=MistParams, fn=mist, binds="linf",
+    name="mist", params=MistParams, fn=mist, budget_field="linf",
     summary="Mist-style: AdvDM loss plus a textural loss toward a generated pattern's latent (Liang et al. 2023)",
     defaults={"tiny": dict(iterations=6)},
+    cost=lambda p: p.iterations * (p.draws + 1),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses import make_draws
 from ..registry import report
 
 
@@ -34,7 +35,5 @@ def pgd(x: torch.Tensor, objective, linf: float, iterations: int, step_size: flo
 def fresh_draws(backbone, x: torch.Tensor, m: int, generator: torch.Generator):
     """m new (t, eps) draws per image of the batch x [B,3,h,w] from the method's own seeded stream (AdvDM's
     Monte-Carlo estimate)."""
-    from ..losses import make_draws
-
     shape = backbone.latent_shape(tuple(x.shape[-2:]))
     return make_draws(m, x.shape[0], shape, backbone.num_train_timesteps, generator=generator).to(backbone.device)

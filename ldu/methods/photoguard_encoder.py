@@ -1,7 +1,7 @@
 """PhotoGuard's encoder attack (Salman et al. 2023, "Raising the Cost of Malicious AI-Powered Image Editing"):
 pixel PGD pulling the VAE latent E(x + eta) toward the latent of a flat grey target image.
 
-Defaults: Linf 16/255 as DESIGN.md asks (the PhotoGuard demo used eps 0.06 on [-1,1] images, 7.7/255 in
+Defaults: Linf 16/255 as the project's design asks (the PhotoGuard demo used eps 0.06 on [-1,1] images, 7.7/255 in
 [0,1] pixels), 200 steps of 2/255 (the demo runs 1000 steps of 0.02 on [-1,1]); target mid-grey 0.5.
 """
 
@@ -11,22 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, check, check_budget, param
+from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import pgd
 
 
 @dataclass
-class PhotoGuardParams:
+class PhotoGuardParams(MethodParams):
     linf: float = param(16 / 255, "Linf budget, [0,1] pixels (binding)")
     budget_rms: float | None = param(None, "optional RMS cap, [0,1] pixels")
     iterations: int = param(200, "PGD steps")
     step_size: float = param(2 / 255, "PGD step, [0,1] pixels")
     target_grey: float = param(0.5, "the flat target image's value in [0,1]")
-    prompt: str = param("a photo of sks person", "attack prompt (used only for the reported attacker loss)")
-    seed: int = param(0, "seed of the reported draws")
 
     def __post_init__(self):
         check_budget(self)
+        finite(self, "step_size")
         check(self.linf is not None, "photoguard_encoder needs linf (its binding budget)")
         check(0 <= self.target_grey <= 1, f"target_grey must be in [0,1], got {self.target_grey}")
         check(self.iterations >= 0 and self.step_size > 0, "iterations >= 0 and step_size > 0")
@@ -49,7 +48,8 @@ def photoguard_encoder(backbone, x: torch.Tensor, p: PhotoGuardParams, draws, ca
 
 
 METHOD = Method(
-    name="photoguard_encoder", params=PhotoGuardParams, fn=photoguard_encoder, binds="linf",
+    name="photoguard_encoder", params=PhotoGuardParams, fn=photoguard_encoder, budget_field="linf",
     summary="PhotoGuard encoder attack: PGD pulling E(x + eta) toward the latent of flat grey (Salman et al. 2023)",
     defaults={"tiny": dict(iterations=6)},
+    cost=lambda p: p.iterations,  # the VAE encoder only
 )

@@ -13,22 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, check, check_budget, param
+from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import pgd
 
 
 @dataclass
-class PIDParams:
+class PIDParams(MethodParams):
     linf: float = param(8 / 255, "Linf budget, [0,1] pixels (binding)")
     budget_rms: float | None = param(None, "optional RMS cap, [0,1] pixels")
     iterations: int = param(100, "PGD steps")
     step_size: float = param(1 / 255, "PGD step, [0,1] pixels")
     logvar_weight: float = param(1.0, "weight of the log-variance term")
-    prompt: str = param("a photo of sks person", "attack prompt (used only for the reported attacker loss)")
-    seed: int = param(0, "seed of the reported draws")
 
     def __post_init__(self):
         check_budget(self)
+        finite(self, "step_size")
         check(self.linf is not None, "pid needs linf (its binding budget)")
         check(self.iterations >= 0 and self.step_size > 0, "iterations >= 0 and step_size > 0")
 
@@ -44,15 +43,19 @@ def pid(backbone, x: torch.Tensor, p: PIDParams, draws, callback=None):
     # A seeded random start inside the ball: at x itself the objective is at its minimum with zero gradient.
     g = torch.Generator().manual_seed(p.seed)
     start = (x + p.linf * (2 * torch.rand(x.shape, generator=g) - 1).to(x)).clamp(0, 1)
+    with torch.no_grad():
+        at_start = objective(start)
     x_adv, curve = pgd(x, objective, p.linf, p.iterations, p.step_size, callback, stage="pid", start=start)
     with torch.no_grad():
         final = objective(x_adv)
+    # at x the objective is 0 by definition; what the optimisation itself achieved is final against the random start
     return x_adv, {"curve": curve, "objective": "posterior distance", "objective_clean": [0.0] * x.shape[0],
-                   "objective_final": final.tolist()}
+                   "objective_start": at_start.tolist(), "objective_final": final.tolist()}
 
 
 METHOD = Method(
-    name="pid", params=PIDParams, fn=pid, binds="linf",
+    name="pid", params=PIDParams, fn=pid, budget_field="linf",
     summary="PID: push the VAE posterior mean and log-variance of x + eta away from those of x (Li et al. 2024)",
     defaults={"tiny": dict(iterations=6)},
+    cost=lambda p: p.iterations,  # the VAE encoder only
 )
