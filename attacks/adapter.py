@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -58,7 +59,7 @@ class Adapter:
 
 def pipeline(backbone):
     """A StableDiffusionPipeline over the backbone's own modules (nothing is copied or reloaded)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # deferred: diffusers takes seconds to import
 
     pipe = StableDiffusionPipeline(
         vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
@@ -79,15 +80,13 @@ def applied(backbone, adapter: Adapter | None, adapter_name: str = "attack"):
         yield backbone
         return
     if adapter.base_spec != backbone.spec:
-        import warnings
-
         warnings.warn(f"adapter trained on {adapter.base_spec} is applied to {backbone.spec}", stacklevel=3)
     saved = {name: getattr(backbone, name) for name in ("unet", "text_encoder", "tokenizer")}
     backbone.clear_prompt_cache()
     try:
         if adapter.kind == "lora":
             pipe = pipeline(backbone)
-            from diffusers.utils import logging as dlog
+            from diffusers.utils import logging as dlog  # deferred, as in pipeline()
 
             level = dlog.get_verbosity()
             dlog.set_verbosity_error()  # a UNet-only LoRA makes the loader warn that the text encoder got none
@@ -107,12 +106,12 @@ def applied(backbone, adapter: Adapter | None, adapter_name: str = "attack"):
                                                           tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder)
             yield backbone
         elif adapter.kind == "dreambooth":
-            from diffusers import UNet2DConditionModel
+            from diffusers import UNet2DConditionModel  # deferred, as in pipeline()
 
             backbone.unet = UNet2DConditionModel.from_pretrained(Path(adapter.path) / "unet", dtype=backbone.dtype)
             backbone.unet.requires_grad_(False).eval().to(backbone.device)
             if (Path(adapter.path) / "text_encoder").is_dir():
-                from transformers import CLIPTextModel
+                from transformers import CLIPTextModel  # deferred: only a DreamBooth text encoder needs it
 
                 backbone.text_encoder = CLIPTextModel.from_pretrained(Path(adapter.path) / "text_encoder", dtype=backbone.dtype)
                 backbone.text_encoder.requires_grad_(False).eval().to(backbone.device)

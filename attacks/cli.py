@@ -16,7 +16,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from ldu.backbone import BackboneError, load_backbone
 from ldu.cli import EXIT_INTERRUPTED, check_device, fail, kind_of, parse_sets, print_entries
+from ldu.io import ImageLoadError, load_images, save_png
+from ldu.protect import output_names, to_pil
+
+from . import (Adapter, PurificationUnavailable, attacks, generate, get_attack, get_purification, purifications, purify,
+               train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import attacks, purifications
-
     print("ATTACKS\n")
     print_entries(attacks.values(), args.kind, args.json)
     print("PURIFICATIONS\n")
@@ -83,8 +89,6 @@ def cmd_list(args) -> int:
 
 
 def _backbone(args):
-    from ldu.backbone import BackboneError, load_backbone
-
     try:
         bb = load_backbone(args.model, device=check_device(args.device), dtype=args.dtype)
     except (BackboneError, ValueError) as err:
@@ -95,8 +99,6 @@ def _backbone(args):
 
 
 def _bar(args, total: int, desc: str):
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, disable=args.quiet, desc=desc, unit="step")
 
     def callback(info):
@@ -115,10 +117,6 @@ def _check_out(out: Path) -> None:
 
 
 def cmd_train(args) -> int:
-    from ldu.io import ImageLoadError, load_images
-
-    from . import get_attack, train
-
     try:
         attack = get_attack(args.attack)
         overrides = parse_sets(args.set, attack.params)
@@ -147,10 +145,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ldu.protect import to_pil
-
-    from . import Adapter, generate
-
     try:
         adapter = Adapter.load(args.adapter) if args.adapter else None
         if args.n < 1 or args.steps < 1:
@@ -179,11 +173,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_purify(args) -> int:
-    from ldu.io import ImageLoadError, load_images, save_png
-    from ldu.protect import output_names
-
-    from . import PurificationUnavailable, get_purification, purify
-
     try:
         entry = get_purification(args.method)
         overrides = parse_sets(args.set, entry.params)

@@ -13,15 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ldu.protect import as_loaded, center_square
+from ldu.finetune import grad_scaler, train_step
+from ldu.protect import instance_views  # noqa: F401  (re-exported: the attacks' view of their training images)
+from ldu.registry import report
 
-
-def instance_views(images, size: int) -> torch.Tensor:
-    """LoadedImage / path / PIL / [3,H,W] tensors -> [N,3,size,size] in [0,1] (short side resized, centre crop)."""
-    loaded = as_loaded(images)
-    if not loaded:
-        raise ValueError("no training images given")
-    return torch.stack([center_square(im.pixels, size) for im in loaded])
+from .generate import class_images
 
 
 @dataclass
@@ -80,8 +76,6 @@ class DreamBoothBatches:
     weighted by prior_loss_weight)."""
 
     def __init__(self, backbone, views: torch.Tensor, p, generator: torch.Generator, callback=None):
-        from .generate import class_images
-
         self.p, self.g = p, generator
         self.inst = Posteriors.of(backbone, views, flip=p.flip)
         self.inst_order = Shuffler(self.inst.n, generator)
@@ -106,9 +100,6 @@ def train_loop(backbone, batches, trainable, optimizer, steps: int, generator: t
                grad_text: bool = False, max_grad_norm: float | None = 1.0, after_step=None,
                context=contextlib.nullcontext) -> list[float]:
     """`steps` optimiser steps on batches() -> (latents, prompts, weights); returns the loss curve."""
-    from ldu.finetune import grad_scaler, train_step
-    from ldu.registry import report
-
     curve, scaler = [], grad_scaler(backbone)
     for step in range(steps):
         z, prompts, weights = batches()

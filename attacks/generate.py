@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ldu.io import load_images
 from ldu.losses import Draws, diffusion_loss
+from ldu.protect import instance_views, to_pil
 from ldu.registry import report
 
 from .adapter import Adapter, applied, pipeline
-from .data import instance_views
 
 
 @torch.no_grad()
@@ -45,9 +46,6 @@ def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, 
 
     With `cache_dir` they are kept as PNGs and reused, so paired runs (clean vs protected) share them.
     """
-    from ldu.io import load_images
-    from ldu.protect import to_pil
-
     if cache_dir is not None:  # one subfolder per (model, prompt, seed, sampler): a cache is never stale
         key = f"{backbone.spec}|{backbone.revision}|{prompt}|{seed}|{steps}|{guidance}"
         cache = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,9 @@ HUB_PATTERNS = [
 ]
 
 
+PROMPT_CACHE = 256  # prompt embeddings kept per backbone (least recently used go first)
+
+
 class BackboneError(RuntimeError):
     """A backbone could not be loaded; the message says which and what to do instead."""
 
@@ -77,6 +82,7 @@ class Backbone:
     dtype: torch.dtype
     notice: str | None = None  # set when this backbone is a fallback or a miniature: show it to the user
     calls: dict = field(default_factory=lambda: {"unet": 0, "unet_samples": 0, "vae_encode": 0, "vae_decode": 0})
+    timing: dict | None = None  # seconds inside each network, forward and backward, while start_timing() is on
 
     def __post_init__(self):
         cfg = self.scheduler.config
@@ -90,9 +96,9 @@ class Backbone:
         self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels: int = self.vae.config.latent_channels
         self.resolution: int = int(self.unet.config.sample_size) * self.vae_scale_factor
-        # Working sizes must survive every VAE and UNet down-sampling (DESIGN.md, "Resolution").
+        # Working sizes must survive every VAE and UNet down-sampling (docs/DESIGN.md, "The contract").
         self.size_multiple: int = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        self._prompt_cache: dict[tuple, torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     # ---- description -------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -134,38 +140,79 @@ class Backbone:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if grad:
-            return self.text_encoder(self.token_ids(prompts))[0]
+            return self._timed("text", lambda ids: self.text_encoder(ids)[0], self.token_ids(prompts))
         if any(p.requires_grad for p in self.text_encoder.parameters()):  # being trained: a cache would go stale
             with torch.no_grad():
-                return self.text_encoder(self.token_ids(prompts))[0]
+                return self._timed("text", lambda ids: self.text_encoder(ids)[0], self.token_ids(prompts))
         # Keyed by the modules too: swapping in another text encoder or tokenizer can never return stale embeddings.
         key = (id(self.text_encoder), id(self.tokenizer))
         missing = [p for p in dict.fromkeys(prompts) if (key, p) not in self._prompt_cache]
         if missing:
             with torch.no_grad():
-                hidden = self.text_encoder(self.token_ids(missing))[0]
+                hidden = self._timed("text", lambda ids: self.text_encoder(ids)[0], self.token_ids(missing))
             for p, h in zip(missing, hidden):
                 self._prompt_cache[(key, p)] = h
-        return torch.stack([self._prompt_cache[(key, p)] for p in prompts])
+        out = []
+        for p in prompts:
+            self._prompt_cache.move_to_end((key, p))
+            out.append(self._prompt_cache[(key, p)])
+        while len(self._prompt_cache) > PROMPT_CACHE:  # bounded: a server sees endless prompts
+            self._prompt_cache.popitem(last=False)
+        return torch.stack(out)
+
+    # ---- timing (benchmarks) -------------------------------------------------------------------
+    def start_timing(self) -> dict:
+        """From now on, time every network call, forward and backward (the benchmark's "outside %": the share of
+        wall time spent outside them). Off by default: it synchronises the device at every boundary."""
+        self.timing = {"unet": 0.0, "vae": 0.0, "text": 0.0}
+        return self.timing
+
+    def stop_timing(self) -> dict:
+        timing, self.timing = self.timing, None
+        return timing
+
+    def _timed(self, kind: str, fn, x: torch.Tensor):
+        """fn(x) with its forward time, and (when a gradient flows back through it) its backward time, added to
+        self.timing[kind]: identity autograd nodes at the output and the input record when backward enters and
+        leaves the network."""
+        if self.timing is None:
+            return fn(x)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        clock = {}
+        if torch.is_grad_enabled():
+            x = _Boundary.apply(x if x.requires_grad else x.detach().requires_grad_(), self, kind, clock, "leave")
+        sync()
+        t0 = time.perf_counter()
+        out = fn(x)
+        sync()
+        self.timing[kind] += time.perf_counter() - t0
+        if torch.is_grad_enabled():
+            out = tuple(_Boundary.apply(o, self, kind, clock, "enter") if o.requires_grad else o for o in out) \
+                if isinstance(out, tuple) else _Boundary.apply(out, self, kind, clock, "enter")
+        return out
 
     # ---- VAE ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] [B,3,H,W] -> scaled posterior-mean latents s*E(x).mean, fp32 (differentiable)."""
         self.calls["vae_encode"] += 1
-        dist = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
-        return dist.mean.float() * self.scaling_factor
+        return self._timed("vae", lambda x_: self.vae.encode((x_ * 2 - 1).to(self.dtype)).latent_dist.mean.float(), x) \
+            * self.scaling_factor
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled posterior mean and log-variance of E(x), fp32 (PID's objective uses both)."""
         self.calls["vae_encode"] += 1
-        dist = self.vae.encode((x * 2 - 1).to(self.dtype)).latent_dist
-        return dist.mean.float(), dist.logvar.float()
+
+        def run(x_):
+            dist = self.vae.encode((x_ * 2 - 1).to(self.dtype)).latent_dist
+            return dist.mean.float(), dist.logvar.float()
+
+        return self._timed("vae", run, x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0,1] (NOT clamped, so gradients survive at the edges), fp32."""
         self.calls["vae_decode"] += 1
-        x = self.vae.decode((z / self.scaling_factor).to(self.dtype)).sample
-        return (x.float() + 1) / 2
+        x = self._timed("vae", lambda z_: self.vae.decode((z_ / self.scaling_factor).to(self.dtype)).sample.float(), z)
+        return (x + 1) / 2
 
     # ---- UNet --------------------------------------------------------------------------------
     def predict(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
@@ -186,10 +233,8 @@ class Backbone:
             return self.unet(z_.to(dtype), t, encoder_hidden_states=c_.to(dtype), return_dict=False)[0]
 
         if checkpoint and torch.is_grad_enabled():
-            out = _checkpoint(run, z, cond, use_reentrant=False)
-        else:
-            out = run(z, cond)
-        return out.float()
+            return self._timed("unet", lambda z_: _checkpoint(run, z_, cond, use_reentrant=False).float(), z)
+        return self._timed("unet", lambda z_: run(z_, cond).float(), z)
 
     # ---- the forward process ------------------------------------------------------------------
     def add_noise(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -202,6 +247,28 @@ class Backbone:
             return eps
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return a.sqrt() * eps - (1 - a).sqrt() * z0
+
+
+class _Boundary(torch.autograd.Function):
+    """Identity; in backward it notes when the gradient enters a network (at its output) and leaves it (at its
+    input), and adds the time between to the backbone's timing."""
+
+    @staticmethod
+    def forward(ctx, x, backbone, kind, clock, side):
+        ctx.backbone, ctx.kind, ctx.clock, ctx.side = backbone, kind, clock, side
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        bb = ctx.backbone
+        if bb.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if ctx.side == "enter":
+            ctx.clock.setdefault("entered", now)
+        elif "entered" in ctx.clock and bb.timing is not None:
+            bb.timing[ctx.kind] += now - ctx.clock.pop("entered")
+        return grad, None, None, None, None
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -291,7 +358,7 @@ def _locate(spec: str, revision: str | None) -> tuple[Path, str, str]:
 
 
 def _download(repo_id: str, revision: str | None) -> tuple[Path, str, str]:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: only hub ids need it
 
     try:  # the cache first: no network round trip when the model is already here
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True)
@@ -329,6 +396,7 @@ def _folder_revision(path: Path) -> str:
 
 
 def _load_components(spec: str, path: Path, kind: str, revision: str, device: torch.device, dtype: torch.dtype) -> Backbone:
+    # deferred: diffusers and transformers take seconds to import; `import ldu` and the CLIs' input checks stay fast
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 

@@ -11,9 +11,18 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
+import tempfile
 from fractions import Fraction
 from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import BUILTIN, BackboneError, load_backbone, resolve_spec
+from .io import DEFAULT_MAX_PIXELS, ImageLoadError, expand_inputs, load_image, load_images
+from .methods import Cancelled, get_method, methods
+from .protect import MAX_JOB_PIXELS, output_names, protect, squeezed_note
+from .registry import parse_number, parse_overrides
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -24,9 +33,9 @@ SHORTCUTS = ("budget_rms", "linf", "iterations", "mode", "prompt", "seed")
 def number(text: str) -> float:
     """A float, or a fraction like 8/255 (budgets are in [0,1] pixel units)."""
     try:
-        return float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r} (e.g. 0.03 or 8/255)") from None
+        return parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def optional_number(text: str) -> float | None:
@@ -51,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any other method parameter, e.g. --set strength=0.4")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="model dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=8, help="images protected together (1-8; one subject per batch)")
+    p.add_argument("--batch-size", type=int, default=8, help="photos per protect() call (1-8; one subject per batch)")
+    p.add_argument("--batch-photos", action="store_true",
+                   help="optimise the photos of a batch in one computation (faster on a GPU; the bytes then depend on "
+                        "the companions: float sums change with the batch)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name")
     p.add_argument("--manifest-dir", type=Path, default=None, help="write the JSON manifests here instead of beside the PNGs")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
@@ -73,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import methods
-
     print_entries(methods.values(), args.kind, args.json)
     return 0
 
@@ -87,8 +97,8 @@ def print_entries(entries, kind: str, as_json: bool = False) -> None:
         return
     for d in described:
         print(f"{d['name']}: {d['summary']}")
-        if "binds" in d:
-            print(f"  binding budget: {d['binds']}")
+        if "budget_field" in d:
+            print(f"  binding budget: {d['budget_field']}" + ("" if d["per_image"] else " (learns from the whole set)"))
         print(f"  parameters (defaults for {kind}):")
         for p in d["params"]:
             print(f"    {p['name']:<22} = {fmt_value(p['default']):<24} {p['help']}")
@@ -103,8 +113,6 @@ def fmt_value(v) -> str:
 
 
 def kind_of(spec: str | None) -> str:
-    from .backbone import BUILTIN, resolve_spec
-
     resolved = resolve_spec(spec)[0]
     return resolved if resolved in BUILTIN else "sd"
 
@@ -115,59 +123,24 @@ def _overrides(args, params_cls) -> dict:
 
 
 def parse_sets(items: list[str], params_cls) -> dict:
-    """--set NAME=VALUE items -> overrides, converted by the params dataclass's field types; unknown names refused."""
-    out = {}
-    hints = typing.get_type_hints(params_cls)
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
-        name, value = item.split("=", 1)
-        name = name.strip().replace("-", "_")
-        if name not in hints:
-            fields = ", ".join(f.name for f in dataclasses.fields(params_cls))
-            raise ValueError(f"--set {name}: no such parameter (it has: {fields})")
-        out[name] = _convert(value, hints[name], name)
-    return out
-
-
-def _convert(value: str, hint, name: str):
-    kinds = typing.get_args(hint) or (hint,)
-    v = value.strip()
-    if type(None) in kinds and v.lower() in ("none", "off"):
-        return None
-    try:
-        if bool in kinds:
-            if v.lower() not in ("1", "0", "true", "false", "yes", "no", "on"):
-                raise ValueError
-            return v.lower() in ("1", "true", "yes", "on")
-        if int in kinds:
-            return int(v)
-        if float in kinds:
-            return number(v)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"--set {name}={value}: expected {' or '.join(k.__name__ for k in kinds)}") from None
-    return v
+    """--set NAME=VALUE items -> overrides (ldu.registry.parse_overrides, with the flag's name in messages)."""
+    return parse_overrides(items, params_cls, flag="--set ")
 
 
 def cmd_protect(args) -> int:
-    from .io import DEFAULT_MAX_PIXELS, ImageLoadError, load_images
-    from .methods import get_method
-
     # 1. Everything that can be checked without a model, before any work.
     try:
         method = get_method(args.method)
         overrides = _overrides(args, method.params)
-        method.make_params(kind_of(args.model), **overrides)
+        expected = method.make_params(kind_of(args.model), **overrides)
         if not 1 <= args.batch_size <= 8:
             raise ValueError(f"--batch-size must be 1 to 8, got {args.batch_size}")
     except ValueError as err:
         return fail(str(err))
-    try:
-        images = load_images(list(args.inputs), max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    try:  # every file is decoded once to find every problem first; pixels are loaded again batch by batch
+        images = _headers(list(args.inputs), args.max_pixels or DEFAULT_MAX_PIXELS)
     except ImageLoadError as err:
         return fail(*[f"{name}: {problem}" for name, problem in err.problems])
-    from .protect import output_names
-
     names = output_names(images)
     for folder in (args.out, args.manifest_dir):
         if folder is not None and folder.exists() and not folder.is_dir():
@@ -178,22 +151,23 @@ def cmd_protect(args) -> int:
     clash = [t for t in targets + manifests if t.resolve() in inputs]
     if clash:
         return fail(*[f"{t}: would overwrite an input image: choose another --out folder" for t in clash])
-    existing = [t for t in targets + manifests if t.exists()]
+    # An output whose manifest records this very input and these settings is a finished part of this job (an
+    # earlier run was interrupted): it is kept and skipped. Anything else in the way needs --overwrite.
+    todo = [i for i in range(len(images)) if args.overwrite or not _done(targets[i], manifests[i], images[i], args.method,
+                                                                         expected)]
+    existing = [t for i in todo for t in (targets[i], manifests[i]) if t.exists()]
     if existing and not args.overwrite:
         return fail(*[f"{t}: already exists (use --overwrite to replace it)" for t in existing])
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if args.manifest_dir:
-            args.manifest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return fail(f"{err.filename}: cannot create the output folder ({err.strerror})")
+    for folder in (args.out, args.manifest_dir):
+        if folder is not None and (problem := _unwritable(folder)):
+            return fail(f"{folder}: {problem}: choose another output folder")
     for im in images:
         for note in im.notes:
             print(f"note: {im.name}: {note}", file=sys.stderr)
+    if len(todo) < len(images):
+        print(f"note: {len(images) - len(todo)} output(s) already hold this job's result: kept", file=sys.stderr)
 
     # 2. The model.
-    from .backbone import BackboneError, load_backbone
-
     try:
         device = check_device(args.device)
         backbone = load_backbone(args.model, device=device, dtype=args.dtype)
@@ -203,32 +177,27 @@ def cmd_protect(args) -> int:
         print(f"note: {backbone.notice}", file=sys.stderr)
     params = method.make_params(backbone.kind, **overrides)
 
-    # 3. Batch by batch; each batch is written as soon as it is done.
-    from tqdm.auto import tqdm
-
-    from .methods import Cancelled
-    from .protect import protect, squeezed_note
-
-    per_batch = max(1, getattr(params, "iterations", 1))
-    total_steps = per_batch * ((len(images) + args.batch_size - 1) // args.batch_size)
-    bar = tqdm(total=total_steps, disable=args.quiet, unit="step", desc=f"{args.method} on {backbone.spec}")
+    # 3. Batch by batch (at most --batch-size photos and MAX_JOB_PIXELS pixels); each is written as soon as it is done.
+    batches = _batches([images[i] for i in todo], todo, args.batch_size, MAX_JOB_PIXELS)
+    per_batch = max(1, method.steps(params))
+    bar = tqdm(total=per_batch * len(batches), disable=args.quiet, unit="step", desc=f"{args.method} on {backbone.spec}")
     rows = []
     try:
-        for start in range(0, len(images), args.batch_size):
-            batch = images[start : start + args.batch_size]
-
+        for batch in batches:
             done_before = bar.n
-            result = protect(batch, backbone, method=args.method, params=params,
+            loaded = load_images([images[i].path for i in batch])
+            result = protect(loaded, backbone, method=args.method, params=params, batch_photos=args.batch_photos,
                              callback=lambda info: _advance(bar, done_before, per_batch, info))
-            paths = result.save(args.out, names=names[start : start + len(batch)], manifest_dir=args.manifest_dir)
+            paths = result.save(args.out, names=[names[i] for i in batch], manifest_dir=args.manifest_dir)
             rows += [(p, s) for p, s in zip(paths, result.stats["images"])]
+            del loaded, result
     except Cancelled:
-        print("cancelled: outputs already written are kept", file=sys.stderr)
+        print("cancelled: outputs already written are kept (a rerun continues where this one stopped)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (RuntimeError, OSError) as err:  # out of memory, disk full, ...: one line, earlier batches stay written
+    except (RuntimeError, OSError, ValueError) as err:  # out of memory, disk full, ...: one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        bar.close()
-        return fail(f"{type(err).__name__} while protecting: {first[:300]} (outputs already written are kept)")
+        return fail(f"{type(err).__name__} while protecting: {first[:300]} (finished outputs are kept, nothing is "
+                    "half-written; a rerun continues where this one stopped)")
     finally:
         bar.close()
     print(f"{'output':<40} {'PSNR':>7} {'SSIM':>6} {'RMS/255':>8} {'Linf/255':>8}  attacker loss clean -> protected")
@@ -241,10 +210,64 @@ def cmd_protect(args) -> int:
     return 0
 
 
+def _headers(inputs, max_pixels: int) -> list:
+    """Decode every input once, one at a time, and keep what it was without its pixels (name, path, sha256, size,
+    notes): every problem is found before any work, and a folder of large photos never sits in memory at once."""
+    files, notes = expand_inputs(inputs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    out, problems = [], []
+    for path in files:
+        try:
+            im = load_image(path, max_pixels)
+        except ImageLoadError as err:
+            problems += err.problems
+            continue
+        out.append(dataclasses.replace(im, pixels=torch.zeros((), dtype=torch.uint8).expand(3, *im.pixels.shape[-2:])))
+        del im
+    if problems:
+        raise ImageLoadError(problems)
+    return out
+
+
+def _done(target: Path, manifest: Path, image, method: str, params) -> bool:
+    """Does the output already hold this input protected with these settings (same source bytes, method, params)?"""
+    if not (target.exists() and manifest.exists()):
+        return False
+    try:
+        record = json.loads(manifest.read_text())
+        return (record.get("source", {}).get("sha256") == image.sha256 and record.get("method") == method
+                and record.get("params") == json.loads(json.dumps(dataclasses.asdict(params), default=str)))
+    except (OSError, ValueError):
+        return False
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why the job could not write into `folder` (created if missing), or None: found before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ldu-write-check-"):
+            pass
+    except OSError as err:
+        return f"cannot write there ({err.strerror or err})"
+    return None
+
+
+def _batches(images, indices: list[int], size: int, max_pixels: int) -> list[list[int]]:
+    """Consecutive batches of at most `size` photos and `max_pixels` pixels in all (one photo per batch at least)."""
+    out, current, pixels = [], [], 0
+    for im, i in zip(images, indices):
+        n = im.pixels.shape[-1] * im.pixels.shape[-2]
+        if current and (len(current) == size or pixels + n > max_pixels):
+            out.append(current)
+            current, pixels = [], 0
+        current.append(i)
+        pixels += n
+    return out + ([current] if current else [])
+
+
 def check_device(name: str | None):
     """Check a --device value before any work: a bad name or a missing GPU is one clear line."""
-    import torch
-
     if name is None:
         return None
     try:

@@ -28,9 +28,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets, adapter_n
     The base weights stay frozen; LoRA weights train in fp32 even when the model runs in bf16/fp16
     (as diffusers' training scripts do with cast_training_params).
     """
-    from peft import LoraConfig
-
-    from peft import inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # deferred: peft takes seconds to import; `import ldu` stays light
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
     with forked_rng(next(model.parameters()).device):
@@ -52,7 +50,7 @@ def remove_lora(model: torch.nn.Module, adapter_name: str) -> None:
     Deleting an adapter leaves peft's wrapper layers behind (`...to_q.base_layer.weight`): once no adapter
     is left they are unwrapped too, so a later copy or save_pretrained of the model has the original keys.
     """
-    from diffusers.utils import recurse_remove_peft_layers
+    from diffusers.utils import recurse_remove_peft_layers  # deferred, as in add_lora
 
     if hasattr(model, "delete_adapters"):  # diffusers models
         model.delete_adapters(adapter_name)
@@ -98,3 +96,31 @@ def train_step(backbone, params: list[torch.nn.Parameter], optimizer: torch.opti
         scaler.step(optimizer)
         scaler.update()
     return float(loss.detach())
+
+
+def learn_token(backbone, latents: torch.Tensor, prompt: str, steps: int, lr: float, generator: torch.Generator,
+                token: str = "sks") -> torch.Tensor:
+    """Textual Inversion in miniature (Gal et al. 2023): a shift of the embedding of `token` in `prompt`, learned with
+    the diffusion loss on `latents` (scaled, [B,C,h,w]); returns the prompt's conditioning [1,77,D] with it, no grad.
+    The text encoder's own weights are untouched (the shift is added by a forward hook, removed on exit)."""
+    ids = backbone.token_ids([prompt])
+    token_ids = torch.tensor(backbone.tokenizer.encode(token, add_special_tokens=False), device=ids.device)
+    where = torch.isin(ids, token_ids)
+    if not where.any():
+        raise ValueError(f"the prompt {prompt!r} does not contain the token {token!r} to learn")
+    embedding = backbone.text_encoder.get_input_embeddings()
+    shift = torch.zeros(embedding.weight.shape[1], device=ids.device, requires_grad=True)
+    hook = embedding.register_forward_hook(lambda module, args, out: out + where[..., None].to(out) * shift.to(out))
+    try:
+        opt = torch.optim.Adam([shift], lr=lr)
+        for _ in range(steps):
+            cond = backbone.text_encoder(ids)[0]
+            draws = make_draws(1, latents.shape[0], tuple(latents.shape[1:]), backbone.num_train_timesteps, generator=generator)
+            loss = diffusion_loss(backbone, latents, cond.expand(latents.shape[0], -1, -1), draws)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return backbone.text_encoder(ids)[0].float()
+    finally:
+        hook.remove()

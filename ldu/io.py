@@ -1,4 +1,4 @@
-"""Images at the edges: the one loader and the one writer (DESIGN.md, "The contract").
+"""Images at the edges: the one loader and the one writer (docs/DESIGN.md, "The contract").
 
 `load_images` decodes with Pillow (pypng for 16-bit colour PNGs, which Pillow reduces to 8 bits), applies
 the EXIF orientation, turns every image into RGB float32 [3,H,W] in [0,1] and remembers what it took away
@@ -14,12 +14,14 @@ import hashlib
 import io
 import json
 import os
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import png
 import torch
 from PIL import Image, ImageCms, UnidentifiedImageError
 
@@ -152,9 +154,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     if min(w, h) < MIN_SIDE:
         fail(f"too small ({w}x{h}); need at least {MIN_SIDE} px per side")
     notes = []
-    if getattr(img, "n_frames", 1) > 1:
-        notes.append(f"{img.n_frames} frames: only the first frame is protected")
-        img.seek(0)
+    try:
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            notes.append(f"{frames} frames: only the first frame is protected")
+            img.seek(0)
+    except Exception as err:  # noqa: BLE001  (Pillow raises many types on a broken frame table)
+        fail(f"corrupt image data ({type(err).__name__}: {str(err).strip()[:120]}): re-export or re-download it")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -186,8 +192,6 @@ def _from_pil(img: Image.Image, name: str, notes: list[str], data: bytes | None)
     depth16 = data is not None and _png_bit_depth(data) == 16 and mode not in ("I;16", "I;16B", "I;16L", "I")
     bit_depth, alpha = 8, None
     if depth16:  # 16-bit colour (or grey+alpha) PNG: Pillow would keep only the top 8 bits
-        import png
-
         width, height, rows, info = png.Reader(bytes=data).asDirect()
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, info["planes"])
         bit_depth = 16
@@ -309,16 +313,15 @@ def save_png(pixels: torch.Tensor, source: LoadedImage, path: str | os.PathLike,
         if source.exif:
             kwargs["exif"] = source.exif
         img.save(buf, format="PNG", **kwargs)
-    _atomic_write(path, buf.getvalue())
+    files = [(path, buf.getvalue())]
     if manifest is not None:
         mpath = Path(manifest_path) if manifest_path else path.with_suffix(".json")
-        _atomic_write(mpath, (json.dumps(manifest, indent=2, default=_json_default) + "\n").encode())
+        files.append((mpath, (json.dumps(manifest, indent=2, default=_json_default) + "\n").encode()))
+    write_together(files)
     return path
 
 
 def _write_png16(buf: io.BytesIO, arr: np.ndarray, source: LoadedImage) -> None:
-    import png
-
     planes = 1 if arr.ndim == 2 else arr.shape[2]
     h, w = arr.shape[:2]
     raw = io.BytesIO()
@@ -334,11 +337,27 @@ def _write_png16(buf: io.BytesIO, arr: np.ndarray, source: LoadedImage) -> None:
     png.write_chunks(buf, chunks[:1] + extra + chunks[1:])  # after IHDR, before IDAT
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_together(files: list[tuple[Path, bytes]]) -> None:
+    """Write (path, bytes) pairs all or nothing: each into a temporary file beside its target, then all renamed into
+    place. On any error (a full disk, a read-only folder, an interrupt) every temporary file and every target this
+    call already renamed is removed before the error goes on: an image never lands without its manifest, and a
+    rerun finds nothing half-written."""
+    tmps, placed = [], []
+    try:
+        for path, data in files:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+            tmps.append(tmp)
+            with open(tmp, "wb") as f:
+                f.write(data)
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
+            placed.append(Path(path))
+    except BaseException:
+        for p in tmps + placed:
+            p.unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o):

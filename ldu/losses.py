@@ -1,4 +1,4 @@
-"""The losses, one name each (DESIGN.md, "The contract"), under fixed (t, eps) draws.
+"""The losses, one name each (docs/DESIGN.md, "The contract"), under fixed (t, eps) draws.
 
 `diffusion_loss` is the epsilon- (or v-) prediction MSE that fine-tuning minimises; `attacker_loss` is that
 loss on the latents of images x with the attack prompt: what LDU maximises, and what a personalization attack

@@ -1,4 +1,4 @@
-"""`protect()`: the one wrapper that owns sizes and budgets (DESIGN.md, "The contract").
+"""`protect()`: the one wrapper that owns sizes and budgets (docs/DESIGN.md, "The contract").
 
 It resizes each image as a DreamBooth attacker's data loader does (short side to the backbone's resolution,
 aspect kept), pads it to a shape the backbone accepts (its "canvas"), runs the method's tensor function on the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .budget import project
+from .budget import project_
 from .io import LoadedImage, load_images, save_png
-from .losses import attacker_loss, make_draws
+from .losses import Draws, attacker_loss, make_draws
 from .methods import get_method, report
-from .metrics import difference_stats
+from .metrics import STRIP, difference_stats
 from .version import code_version, library_versions
 
-MAX_BATCH = 8  # one subject's photos are protected together; the CLI splits larger sets
+MAX_BATCH = 8  # photos of one subject per protect() call; the CLI splits larger sets
+# Pixels one job may hold in all (all its photos together): what keeps a CPU server under its documented peak
+# memory (docs/DESIGN.md, "Memory": measured bytes per pixel of a protect() job).
+MAX_JOB_PIXELS = 50_000_000
 EVAL_DRAWS = 16  # held-out draws for the reported attacker loss (the method optimises on its own m draws)
 EVAL_SEED_OFFSET = 1_000_003
 EVAL_MAX_BATCH = 16  # UNet samples per call when measuring: 8 images x 16 draws need not fit at once
@@ -135,6 +139,15 @@ def center_square(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size].clamp(0, 1)
 
 
+def instance_views(images, size: int) -> torch.Tensor:
+    """LoadedImage / path / PIL / [3,H,W] tensors -> [N,3,size,size] in [0,1]: what a DreamBooth attacker trains on
+    (short side resized, centre crop)."""
+    loaded = as_loaded(images)
+    if not loaded:
+        raise ValueError("no training images given")
+    return torch.stack([center_square(im.pixels, size) for im in loaded])
+
+
 def to_working(images, backbone) -> torch.Tensor:
     """[B,3,s,s] in [0,1] on the backbone's device: the centre squares an attacker's training sees of [3,H,W] images."""
     size = working_size(backbone)
@@ -195,7 +208,7 @@ def squeezed_note(names: list[str]) -> str:
             f"sees the perturbation at another scale): {', '.join(names)}")
 
 
-class _Run(NamedTuple):
+class _Call(NamedTuple):
     """One method call: the images it protected (indices), their clean and protected canvases, its draws, its stats."""
 
     images: list[int]
@@ -205,11 +218,45 @@ class _Run(NamedTuple):
     stats: dict
 
 
-def protect(images, backbone, method: str = "ldu", params=None, callback=None) -> ProtectResult:
+def photo_seed(seed: int, pixels: torch.Tensor) -> int:
+    """The seed of one photo's draws: the job's seed mixed with the photo's pixel content (not its position in the
+    batch, not its file name), so the same photo and seed give the same draws alone, with companions, in the app
+    and from the CLI."""
+    h = hashlib.sha256(f"{seed}:{tuple(pixels.shape)}:".encode())
+    for top in range(0, pixels.shape[-2], 1024):  # row blocks: no copy of a large photo
+        h.update(pixels[..., top : top + 1024, :].contiguous().float().numpy().tobytes())
+    return int.from_bytes(h.digest()[:7], "big")
+
+
+def plan_calls(canvases: list[Canvas], together: bool) -> list[list[int]]:
+    """Which photos each method call protects: one call per photo, or (together) one per canvas shape."""
+    if not together:
+        return [[i] for i in range(len(canvases))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(canvases):
+        groups.setdefault(c.shape, []).append(i)
+    return list(groups.values())
+
+
+def check_job_size(sizes: list[tuple[int, int]], max_pixels: int = MAX_JOB_PIXELS) -> None:
+    """Refuse a job whose photos hold more pixels in all than the memory model allows (docs/DESIGN.md, "Memory")."""
+    total = sum(h * w for h, w in sizes)
+    if total > max_pixels:
+        raise ValueError(f"these {len(sizes)} photos hold {total / 1e6:.0f} MP in all, over the {max_pixels / 1e6:.0f} MP "
+                         "one job may hold: protect fewer or smaller photos at a time")
+
+
+def protect(images, backbone, method: str = "ldu", params=None, callback=None, batch_photos: bool = False,
+            max_pixels: int = MAX_JOB_PIXELS) -> ProtectResult:
     """Protect 1-8 images of one subject with a registered method; see the module docstring.
 
     images: LoadedImage / path / PIL / [3,H,W] tensors. params: the method's params dataclass, a dict of
     overrides of its defaults for this backbone kind, or None. callback(dict) -> False cancels (`Cancelled`).
+
+    Each photo is optimised on its own with draws seeded by the seed and its content (`photo_seed`), so its bytes
+    do not depend on its companions. `batch_photos` puts photos of one canvas shape into one computation instead
+    (faster on a GPU; not byte-stable, since float sums change with the batch). A method that learns from the
+    whole set (`Method.per_image` False, e.g. ASPL) always sees the set together.
     """
     m = get_method(method)
     if params is None or isinstance(params, dict):
@@ -219,57 +266,59 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
     sources = as_loaded(images)
     if not 1 <= len(sources) <= MAX_BATCH:
         raise ValueError(f"protect() takes 1 to {MAX_BATCH} images of one subject, got {len(sources)}: split them into batches")
+    check_job_size([tuple(s.pixels.shape[-2:]) for s in sources], max_pixels)
     size = working_size(backbone)
     dev = backbone.device
     canvases = canvases_for([tuple(s.pixels.shape[-2:]) for s in sources], backbone)
-    groups: dict[tuple[int, int], list[int]] = {}  # one method call per canvas shape, in order of appearance
-    for i, c in enumerate(canvases):
-        groups.setdefault(c.shape, []).append(i)
-    seed = getattr(params, "seed", 0)
-    n_draws = getattr(params, "draws", 4)
-    iterations = getattr(params, "iterations", 0)
+    together = batch_photos or not m.per_image
+    calls = plan_calls(canvases, together)
+    seeds = [photo_seed(params.seed, s.pixels) for s in sources]
+    steps = m.steps(params)
 
     backbone.reset_calls()
     t0 = time.perf_counter()
-    report(callback, {"stage": "start", "step": 0, "total": iterations * len(groups)})
-    runs: list[_Run] = []
-    for k, (shape, idx) in enumerate(groups.items()):
+    report(callback, {"stage": "start", "step": 0, "total": steps * len(calls)})
+    runs: list[_Call] = []
+    for k, idx in enumerate(calls):
+        shape = canvases[idx[0]].shape
         x = torch.stack([canvases[i].place(sources[i].pixels) for i in idx]).to(dev)
-        draws = make_draws(n_draws, len(idx), backbone.latent_shape(shape), backbone.num_train_timesteps, seed).to(dev)
-        x_p, method_stats = m.fn(backbone, x, params, draws, _in_group(callback, k, len(groups)))
-        runs.append(_Run(idx, x, x_p.float().detach(), draws, method_stats))
+        draws = _draws_for([seeds[i] for i in idx], m.draws(params), backbone, shape).to(dev)
+        call_params = params if together else dataclasses.replace(params, seed=seeds[idx[0]])
+        x_p, method_stats = m.fn(backbone, x, call_params, draws, _in_group(callback, k, len(calls)))
+        runs.append(_Call(idx, x, x_p.float().detach(), draws, method_stats))
     seconds = time.perf_counter() - t0
-    calls = dict(backbone.calls)
+    calls_count = dict(backbone.calls)
 
     rms_budget, linf_budget = m.budgets(params)
     out_images, per_image = [None] * len(sources), [None] * len(sources)
     for run in runs:
         for j, i in enumerate(run.images):
             s, c = sources[i], canvases[i]
-            clean = s.pixels.float()
+            clean = s.pixels
             r = _resize(c.take(run.protected[j] - run.clean[j])[None], tuple(clean.shape[-2:]))[0].cpu()
             if s.gray:  # a single-channel source stays single-channel: perturb its luminance only
-                r = r.mean(0, keepdim=True).expand_as(r)
-            r = project(r[None], None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)[0]  # a hair under: fp32
-            out_images[i] = quantise(clean, r, s.maxval)
+                r = r.mean(0, keepdim=True)
+            project_(r, None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)
+            out_images[i] = quantise(clean, r, s.maxval)  # a hair under the RMS budget above: fp32 rounding
+            del r
             stats = difference_stats(clean, out_images[i])
             stats["budget_rms"], stats["budget_linf"] = rms_budget, linf_budget
             stats["working_shape"] = list(c.shape)
             stats["squeezed"] = c.squeezed
+            stats["photo_seed"] = seeds[i]
             if "psnr_vs_base" in run.stats:
                 stats["psnr_vs_base_working_size"] = run.stats["psnr_vs_base"][j]
             per_image[i] = stats
 
     with torch.no_grad():
-        c_attack = backbone.encode_prompt(getattr(params, "prompt", "a photo of sks person"))
+        c_attack = backbone.encode_prompt(params.prompt)
 
         def loss_of(images, d):
             return attacker_loss(backbone, images, c_attack, d, reduction="none", max_batch=EVAL_MAX_BATCH).tolist()
 
         # What the attacker sees: the centre squares of the quantised images, on draws the method never saw ...
         x_clean, x_final = to_working([s.pixels for s in sources], backbone), to_working(out_images, backbone)
-        eval_draws = make_draws(EVAL_DRAWS, len(sources), backbone.latent_shape(size), backbone.num_train_timesteps,
-                                seed + EVAL_SEED_OFFSET).to(dev)
+        eval_draws = _draws_for([v + EVAL_SEED_OFFSET for v in seeds], EVAL_DRAWS, backbone, (size, size)).to(dev)
         loss = {"attacker_loss_clean": loss_of(x_clean, eval_draws), "attacker_loss_protected": loss_of(x_final, eval_draws),
                 "attacker_loss_clean_opt_draws": [0.0] * len(sources), "attacker_loss_protected_opt_draws": [0.0] * len(sources)}
         # ... and what the method optimised: the whole canvases, quantised result included, on its own draws.
@@ -284,14 +333,15 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
     batch = {
         "seconds": seconds,
         "seconds_per_image": seconds / len(sources),
-        "unet_calls": calls["unet"],
-        "unet_samples": calls["unet_samples"],
-        "vae_encode_calls": calls["vae_encode"],
-        "vae_decode_calls": calls["vae_decode"],
+        "unet_calls": calls_count["unet"],
+        "unet_samples": calls_count["unet_samples"],
+        "vae_encode_calls": calls_count["vae_encode"],
+        "vae_decode_calls": calls_count["vae_decode"],
         "working_size": size,
         "eval_draws": EVAL_DRAWS,
+        "photos_together": together,
         **{k: sum(v) / len(v) for k, v in loss.items()},
-        # one method call per canvas shape: the images it protected and what the method reported
+        # one entry per method call: the images it protected and what the method reported
         "method": {"groups": [{"images": r.images, **{k: v for k, v in r.stats.items() if k != "psnr_vs_base"}}
                               for r in runs]},
     }
@@ -301,14 +351,21 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None) -
         "budget": {"rms": rms_budget, "linf": linf_budget, "units": "[0,1] pixels"},
         "backbone": {"spec": backbone.spec, "kind": backbone.kind, "revision": backbone.revision,
                      "dtype": str(backbone.dtype).replace("torch.", ""), "device": backbone.device.type},
-        "seed": seed,
+        "seed": params.seed,
+        "photos_together": together,
         "code_version": code_version(),
         "libraries": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "batch_stats": batch,
     }
-    report(callback, {"stage": "done", "step": iterations * len(groups), "total": iterations * len(groups)})
+    report(callback, {"stage": "done", "step": steps * len(calls), "total": steps * len(calls)})
     return ProtectResult(images=out_images, stats={"images": per_image, "batch": batch}, manifest=manifest, sources=sources)
+
+
+def _draws_for(seeds: list[int], m: int, backbone, shape: tuple[int, int]) -> Draws:
+    """m fixed draws per photo, each photo's from its own seed, side by side along the batch dimension."""
+    parts = [make_draws(m, 1, backbone.latent_shape(shape), backbone.num_train_timesteps, seed) for seed in seeds]
+    return Draws(torch.cat([d.t for d in parts], 1), torch.cat([d.eps for d in parts], 1))
 
 
 def _in_group(callback, k: int, n: int):
@@ -328,12 +385,18 @@ def _in_group(callback, k: int, n: int):
 def quantise(clean: torch.Tensor, r: torch.Tensor, maxval: int) -> torch.Tensor:
     """clean + r, with r rounded TOWARD ZERO to whole code steps (1/maxval), kept inside [0,1].
 
-    clean holds exact codes / maxval; truncation never enlarges any |r_i|, so RMS and Linf bounds survive.
+    clean holds exact codes / maxval; truncation never enlarges any |r_i|, so RMS and Linf bounds survive. r may
+    have one channel (a grey source: the same step on R, G and B). Computed in row strips: a large photo never
+    needs more than its own size again.
     """
-    codes = (clean * maxval).round()
-    steps = torch.trunc(r.double() * maxval)
-    steps = torch.maximum(torch.minimum(steps, maxval - codes.double()), -codes.double())
-    return ((codes.double() + steps) / maxval).float()
+    out = torch.empty_like(clean, dtype=torch.float32)
+    for top in range(0, clean.shape[-2], STRIP):
+        rows = slice(top, top + STRIP)
+        codes = (clean[..., rows, :] * maxval).round().double()
+        steps = torch.trunc(r[..., rows, :].double() * maxval).expand_as(codes)
+        steps = torch.maximum(torch.minimum(steps, maxval - codes), -codes)
+        out[..., rows, :] = ((codes + steps) / maxval).float()
+    return out
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:

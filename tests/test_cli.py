@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import png
@@ -11,6 +12,7 @@ from conftest import rgb
 from ldu.cli import main
 
 FAST = ["--model", "tiny", "--iterations", "4", "--set", "ddim_steps=1", "--quiet"]
+PEAK_GB_50MP = 6.0  # docs/DESIGN.md "Memory" (measured: docs/RESULTS.md)
 
 
 def run(argv, capsys):
@@ -147,3 +149,89 @@ def test_python_dash_m_ldu_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "a.png").exists() and (tmp_path / "o" / "a.json").exists()
+
+
+def _noise_png(path, h, w, seed):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def test_a_full_disk_leaves_nothing_half_written_and_a_rerun_finishes_the_job(tmp_path, capsys):
+    """Two photos whose PNGs are about 90 KB each, into a 200 KB filesystem (a tmpfs when we may mount one, else a
+    write that fails with ENOSPC for the second photo): the first is written whole, the second not at all, no
+    temporary file is left, and a rerun after space is freed writes the second without --overwrite."""
+    import errno
+    import os
+
+    (tmp_path / "in").mkdir()
+    _noise_png(tmp_path / "in" / "a.png", 180, 210, 1)
+    _noise_png(tmp_path / "in" / "b.png", 180, 210, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)]).returncode == 0
+    try:
+        if mounted:
+            code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(out), *FAST], capsys)
+        else:
+            import ldu.io
+
+            real = ldu.io.write_together
+
+            def full(files):
+                if any(str(p).endswith("b.png") for p, _ in files):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(files)
+
+            ldu.io.write_together = full
+            try:
+                code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(out), *FAST], capsys)
+            finally:
+                ldu.io.write_together = real
+        assert code == 2 and "No space left" in err and "nothing is half-written" in err
+        left = sorted(p.name for p in out.iterdir())
+        assert left == ["a.json", "a.png"], left  # whole or nothing, no temporary files
+        first = (out / "a.png").read_bytes()
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=2m", str(out)], check=True)
+        code, _, err = run(["protect", str(tmp_path / "in"), "--out", str(out), *FAST], capsys)
+        assert code == 0, err
+        assert "1 output(s) already hold this job's result: kept" in err
+        assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png"]
+        assert (out / "a.png").read_bytes() == first
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)])
+
+
+def test_a_rerun_with_other_settings_is_refused_without_overwrite(tmp_path, capsys):
+    rgb(40, 40).save(tmp_path / "a.png")
+    args = ["protect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *FAST]
+    assert run(args, capsys)[0] == 0
+    code, _, err = run(args, capsys)  # the same job: already done
+    assert code == 0 and "already hold this job's result" in err
+    code, _, err = run([*args, "--seed", "9"], capsys)
+    assert code == 2 and "already exists (use --overwrite" in err
+
+
+def test_an_unwritable_out_is_found_before_any_work(tmp_path, capsys):
+    rgb(40, 40).save(tmp_path / "a.png")
+    code, _, err = run(["protect", str(tmp_path / "a.png"), "--out", "/proc/ldu-cannot-write-here", *FAST], capsys)
+    assert code == 2 and "cannot write there" in err and "UNet" not in err
+
+
+@pytest.mark.slow
+def test_a_50_megapixel_photo_stays_under_the_documented_memory_bound(tmp_path):
+    """docs/DESIGN.md "Memory": protect() at 50 MP through the CLI, peak RSS of the process (resource module)."""
+    side = 7071  # 50.0 MP
+    yy, xx = np.mgrid[0:side:16, 0:side:16]
+    small = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(small).resize((side, side), Image.NEAREST).save(tmp_path / "huge.png", compress_level=1)
+    code = ("import resource, sys; from ldu.cli import main; rc = main(sys.argv[1:]); "
+            "print('peak_gb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "protect", str(tmp_path / "huge.png"), "--out", str(tmp_path / "o"),
+                           "--model", "tiny", "--iterations", "1", "--set", "ddim_steps=1", "--quiet"],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = float(proc.stdout.split("peak_gb")[-1])
+    assert peak < PEAK_GB_50MP, peak
+    with Image.open(tmp_path / "o" / "huge.png") as im:
+        assert im.size == (side, side)
