@@ -2,8 +2,8 @@
 
     name: example
     image_sets:
-      cat: {pocket_subject: chelsea, train: 4, held_out: 4}     # views of a held-out pocket subject
-      mine: {folder: photos/me, held_out_folder: photos/me-held-out}
+      robot: {subject: robot, train: 4, held_out: 8}            # a built-in subject (ldu.subjects): views per seed
+      mine: {folder: photos/me, held_out_folder: photos/me-held-out, noun: person}
     protect_backbone: pocket            # a spec or a list of specs
     attack_backbone: pocket             # default: the protect backbones ("protect on A, attack on B" when they differ)
     methods: [ldu, {name: advdm, params: {iterations: 50}}]    # the clean reference "none" is always added
@@ -12,6 +12,10 @@
     generate: {n: 4, steps: 25, guidance: 7.5}                 # prompts default to each attack's instance prompt
     metrics: [psnr, ssim, lpips, thumb_distance, clip_i]
     seeds: [0, 1, 2]
+    match_psnr: 32                      # optional: each method's binding budget set per image set to land at 32 dB
+
+Efficacy needs held-out views (a built-in subject's, or `held_out_folder`): without them a cell still attacks and
+generates, and its efficacy says "unavailable: no held-out views".
 
 Every problem is reported as `key.path: what is wrong`, all of them at once.
 """
@@ -21,6 +25,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
+
+from attacks import attacks, purifications
+from attacks.train import aimed
+from ldu.io import IMAGE_SUFFIXES
+from ldu.methods import methods
+from ldu.subjects import SUBJECTS
+
+from .metrics import metrics as metric_registry
 
 
 class ConfigError(ValueError):
@@ -56,6 +70,7 @@ class Config:
     seeds: list[int]
     device: str | None = None
     dtype: str | None = None
+    match_psnr: float | None = None
     source: Path | None = None
 
 
@@ -66,8 +81,6 @@ def load(path: str | Path) -> Config:
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             raw = yaml.safe_load(text)
         else:
             raw = json.loads(text)
@@ -77,16 +90,11 @@ def load(path: str | Path) -> Config:
 
 
 def parse(raw, base: Path = Path("."), source: Path | None = None) -> Config:
-    from attacks import attacks, purifications
-    from ldu import methods
-
-    from .metrics import metrics as metric_registry
-
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): expected a mapping of keys (name, image_sets, methods, ...)"])
     known = {"name", "image_sets", "protect_backbone", "attack_backbone", "methods", "purifications", "attacks",
-             "generate", "metrics", "seeds", "device", "dtype"}
+             "generate", "metrics", "seeds", "device", "dtype", "match_psnr"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -149,33 +157,36 @@ def parse(raw, base: Path = Path("."), source: Path | None = None) -> Config:
     name = raw.get("name", source.stem if source else "grid")
     if not isinstance(name, str):
         problems.append(f"name: expected a string, got {name!r}")
+    match = raw.get("match_psnr")
+    if match is not None and (not isinstance(match, (int, float)) or isinstance(match, bool) or not 15 <= match <= 60):
+        problems.append(f"match_psnr: expected a PSNR in dB between 15 and 60, got {match!r}")
     if problems:
         raise ConfigError(problems)
     return Config(name=name, image_sets=image_sets, protect_backbones=protect, attack_backbones=attack_bb,
                   methods=method_list, purifications=purif, attacks=attack_list, generate=gen, metrics=list(metric_names),
-                  seeds=seeds, device=raw.get("device"), dtype=raw.get("dtype"), source=source)
+                  seeds=seeds, device=raw.get("device"), dtype=raw.get("dtype"), match_psnr=match, source=source)
 
 
 def _image_set(key: str, spec, base: Path, problems: list[str]) -> dict:
-    from ldu.io import IMAGE_SUFFIXES
-
     if not isinstance(spec, dict):
-        problems.append(f"{key}: expected {{folder: PATH}} or {{pocket_subject: chelsea|coffee, train: 4, held_out: 4}}")
+        problems.append(f"{key}: expected {{subject: NAME, train: 4, held_out: 8}} or {{folder: PATH, held_out_folder: PATH}}")
         return {}
-    if "pocket_subject" in spec:
-        from ldu.pocket.data import HELD_OUT
-
-        if spec["pocket_subject"] not in HELD_OUT:
-            problems.append(f"{key}.pocket_subject: {spec['pocket_subject']!r} is not a held-out pocket subject ({', '.join(HELD_OUT)})")
+    if "subject" in spec:
+        if spec["subject"] not in SUBJECTS:
+            problems.append(f"{key}.subject: {spec['subject']!r} is not a built-in subject ({', '.join(SUBJECTS)})")
         for n in ("train", "held_out"):
             if not isinstance(spec.get(n, 4), int) or spec.get(n, 4) < 1:
                 problems.append(f"{key}.{n}: expected a positive integer")
-        return {"pocket_subject": spec["pocket_subject"], "train": spec.get("train", 4), "held_out": spec.get("held_out", 4),
-                "seed": spec.get("seed", 0)}
+        extra = set(spec) - {"subject", "train", "held_out"}
+        if extra:
+            problems.append(f"{key}: unknown key(s) {', '.join(sorted(extra))} (a subject set has subject, train, held_out)")
+        return {"subject": spec["subject"], "train": spec.get("train", 4), "held_out": spec.get("held_out", 8)}
     if "folder" not in spec:
-        problems.append(f"{key}: needs folder (a folder of photos) or pocket_subject")
+        problems.append(f"{key}: needs folder (a folder of photos) or subject (a built-in subject)")
         return {}
-    out = {}
+    out = {"noun": spec.get("noun", "person")}
+    if not isinstance(out["noun"], str) or not out["noun"].strip():
+        problems.append(f"{key}.noun: expected what the photos show, e.g. person")
     for n in ("folder", "held_out_folder"):
         if n in spec:
             folder = (base / spec[n]).resolve() if not Path(spec[n]).is_absolute() else Path(spec[n])
@@ -185,6 +196,20 @@ def _image_set(key: str, spec, base: Path, problems: list[str]) -> dict:
                 problems.append(f"{key}.{n}: no images in {folder}")
             out[n] = folder
     return out
+
+
+def quick(image_set: dict, backbone: str, chosen_methods: list[str], chosen_purifications: list[str], attack: str,
+          steps: int, seeds: int, noun: str, match_psnr: float | None = None, generations: int = 2) -> Config:
+    """The config of a small grid (the app's Batch tab): one image set, methods aimed at the subject's noun, the
+    given purifications and one attack, `seeds` seeds."""
+    raw = {"name": f"batch ({backbone})", "image_sets": {"set": image_set}, "protect_backbone": backbone,
+           "methods": [{"name": m, "params": {"prompt": f"a photo of sks {noun}"}} for m in chosen_methods],
+           "purifications": ["none", *chosen_purifications],
+           "attacks": [{"name": attack, "params": aimed(attack, noun, {"steps": int(steps)})}],
+           "generate": {"n": generations, "steps": 25 if backbone != "tiny" else 2, "guidance": 4.0},
+           "metrics": ["psnr", "ssim", "linf", "rms", "lpips", "thumb_distance", "clip_i"],
+           "seeds": list(range(int(seeds))), **({"match_psnr": match_psnr} if match_psnr else {})}
+    return parse(raw)
 
 
 def _strings(key: str, value, problems: list[str]) -> list[str]:

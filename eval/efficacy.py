@@ -1,190 +1,292 @@
-"""Efficacy experiments on a backbone whose weights mean something (the pocket backbone, or SD on a GPU).
+"""Efficacy experiments over the built-in subjects, seeds and methods: the numbers docs/RESULTS.md reports.
 
-- personalization: does a LoRA-DreamBooth attack on four views of a held-out subject learn it? Its
-  post_attack_loss on OTHER clean views of the subject, and how close "a photo of sks ..." generations come to
-  the subject, against the base model; plus how much generations of unrelated prompts move, and whether they
-  come closer to the subject (a leak).
-- protection: does a protection method raise the attacker's loss beyond the draw-to-draw noise, and does an
-  attack on the protected views learn the subject worse (higher post_attack_loss on clean held-out views) than
-  the same attack, same seed, on the clean views?
+- personalization (`--methods none`): does the attack learn each subject? For every subject and seed: the share of
+  the closable gap its instance-prompt generations close toward the held-out views (16 x 16 thumbnails), how many
+  of them are nearest to the right subject among all subjects' held-out views, and how much other prompts move.
+- protection: for each method, the share of learning prevented (eval.experiment: loss on held-out views and the
+  generations' likeness), mean and spread over subjects x seeds, the paired draw noise beside it, the PSNR it cost;
+  with `--match-psnr DB` every method's binding budget is set per subject (at seed 0) to land at that PSNR. A
+  difference between two methods counts only when every paired subject x seed difference has the same sign.
+- `--sweep 4,8,12,16`: each method at these budgets (/255, its binding budget field): efficacy against PSNR.
 
-Every number is a mean and a standard deviation over seeds (each seed: other views, other draws, other LoRA).
-
-    python -m eval.efficacy --model pocket --seeds 3 --methods ldu,advdm
+    python -m eval.efficacy --model pocket --subjects robot,frog,kite --seeds 3 --methods ldu,advdm --match-psnr 32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ldu.metrics import thumbnails
+from attacks import get_attack
+from ldu import get_method, load_backbone, protect
+from ldu.protect import to_pil
+from ldu.registry import parse_overrides
+from ldu.subjects import SUBJECTS, get_subject, subject_views
 
-SUBJECT_PROMPT = "a photo of sks cat"
-OTHER_PROMPTS = ("a photo of a rocket", "a red circle on a white background", "a photo of an astronaut")
-
-
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
-def nn_distance(images, target: torch.Tensor) -> float:
-    """Mean thumbnail distance of each image to its nearest target thumbnail."""
-    return float(torch.cdist(thumbnails(images), target).min(1).values.mean())
+from . import experiment
+from .grid import match_psnr
 
 
-def subject_sets(subject: str, seed: int, n_train: int = 4, n_held: int = 8):
-    """Training views and OTHER held-out views of a held-out subject of the pocket data, as [3,64,64] tensors."""
-    from ldu.pocket.data import subject_views
+def spread(values: list) -> dict:
+    """Mean and standard deviation of the finite numbers among `values` (a share that could not be measured is a
+    text or NaN: it is kept in "values" and left out of the mean, and "n" says how many counted)."""
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return {"mean": statistics.fmean(finite) if finite else None,
+            "std": statistics.stdev(finite) if len(finite) > 1 else 0.0 if finite else None, "n": len(finite), "values": values}
+
+
+def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: dict, n_train: int = 4, n_held: int = 8,
+                  n_gen: int = 8, everyone: dict | None = None) -> experiment.Setup:
+    """The paired experiment's setup for a built-in subject and seed: that seed's views at the backbone's size."""
 
     def tensors(a):
-        return [torch.from_numpy(v).permute(2, 0, 1).float() / 255 for v in a]
+        return [torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255 for v in a]
 
-    return tensors(subject_views(subject, n_train, seed=seed)), tensors(subject_views(subject, n_held, seed=seed + 100))
-
-
-def personalization(backbone, subject: str = "chelsea", seeds=(0, 1, 2), steps: int = 300, prompt: str = SUBJECT_PROMPT,
-                    attack_params: dict | None = None, n_gen: int = 8, guidance: float = 4.0,
-                    attack: str = "lora_dreambooth", gen_steps: int = 25) -> tuple[dict, torch.Tensor]:
-    from attacks import generate, post_attack_loss, train
-    from ldu import make_draws
-
-    rows = []
-    for seed in seeds:
-        views, held = subject_sets(subject, seed)
-        draws = make_draws(16, len(held), backbone.latent_shape(), backbone.num_train_timesteps, seed=1000 + seed)
-        adapter = train(backbone, views, attack,
-                        {"steps": steps, "instance_prompt": prompt, "seed": seed, **(attack_params or {})})
-        target = thumbnails(held)
-        gen_seeds = [10_000 * seed + i for i in range(n_gen)]
-        base_gen = generate(backbone, None, [prompt] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
-        adapted_gen = generate(backbone, adapter, [prompt] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
-        moved_other, leak_base, leak_adapted = [], [], []
-        for other in OTHER_PROMPTS:
-            b = generate(backbone, None, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
-            a = generate(backbone, adapter, [other] * n_gen, gen_seeds, steps=gen_steps, guidance=guidance)
-            moved_other.append(float((torch.stack(a) - torch.stack(b)).abs().mean()))
-            leak_base.append(nn_distance(b, target))
-            leak_adapted.append(nn_distance(a, target))
-        rows.append({
-            "post_attack_loss_base": float(post_attack_loss(backbone, None, held, draws, prompt=prompt)),
-            "post_attack_loss_adapted": float(post_attack_loss(backbone, adapter, held, draws)),
-            # thumbnail distance of each generation to its nearest held-out view, and to the views on average
-            "subject_nn_distance_base": nn_distance(base_gen, target),
-            "subject_nn_distance_adapted": nn_distance(adapted_gen, target),
-            "subject_distance_base": float(torch.cdist(thumbnails(base_gen), target).mean()),
-            "subject_distance_adapted": float(torch.cdist(thumbnails(adapted_gen), target).mean()),
-            "moved_instance_prompt": float((torch.stack(adapted_gen) - torch.stack(base_gen)).abs().mean()),
-            "moved_other_prompts": statistics.fmean(moved_other),
-            # does the subject leak into other prompts? their generations' distance to the subject's views
-            "other_prompts_subject_nn_distance_base": statistics.fmean(leak_base),
-            "other_prompts_subject_nn_distance_adapted": statistics.fmean(leak_adapted),
-        })
-        if seed == seeds[0]:
-            picture = torch.cat([torch.cat(list(row[:n_gen]), dim=2) for row in (held, base_gen, adapted_gen)], dim=1)
-    return {k: spread([r[k] for r in rows]) for k in rows[0]}, picture
+    size = backbone.resolution
+    return experiment.Setup(
+        train=tensors(subject_views(name, "train", n_train, seed=seed, size=size)[0]),
+        held_out=tensors(subject_views(name, "held_out", n_held, seed=seed, size=size)[0]),
+        noun=get_subject(name).noun, seed=seed, attack=attack, attack_params=attack_params, n_gen=n_gen,
+        subjects=everyone, subject=name)
 
 
-def protection(backbone, method: str, method_params: dict | None = None, subject: str = "chelsea", seeds=(0, 1, 2),
-               steps: int = 300, prompt: str = SUBJECT_PROMPT, attack_params: dict | None = None,
-               attack: str = "lora_dreambooth") -> dict:
-    from attacks import post_attack_loss, train
-    from ldu import attacker_loss, get_method, make_draws, protect
-    from ldu.protect import to_working
+def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
+    """Every built-in subject's held-out views of a seed: the retrieval pool."""
+    return {name: [torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255
+                   for v in subject_views(name, "held_out", n_held, seed=seed, size=backbone.resolution)[0]]
+            for name in SUBJECTS}
 
-    takes_prompt = "prompt" in get_method(method).params.__dataclass_fields__
-    cond = backbone.encode_prompt(prompt)
-    rows = []
-    for seed in seeds:
-        views, held = subject_sets(subject, seed)
-        params = {"seed": seed, **({"prompt": prompt} if takes_prompt else {}), **(method_params or {})}
-        t0 = time.perf_counter()
-        result = protect(views, backbone, method=method, params=params)
-        seconds = time.perf_counter() - t0
-        x, xp = to_working(views, backbone), to_working(result.images, backbone)  # what the attacker's training sees
-        with torch.no_grad():  # attacker loss under 5 independent sets of 16 draws: effect vs draw-to-draw noise
-            clean_sets, prot_sets = [], []
-            for k in range(5):
-                d = make_draws(16, len(views), backbone.latent_shape(), backbone.num_train_timesteps, seed=50_000 + 100 * seed + k)
-                clean_sets.append(float(attacker_loss(backbone, x, cond, d, max_batch=64)))
-                prot_sets.append(float(attacker_loss(backbone, xp, cond, d, max_batch=64)))
-        draws = make_draws(16, len(held), backbone.latent_shape(), backbone.num_train_timesteps, seed=1000 + seed)
-        a = {"steps": steps, "instance_prompt": prompt, "seed": seed, **(attack_params or {})}
-        on_clean = train(backbone, views, attack, a)
-        on_protected = train(backbone, result.images, attack, a)
-        rows.append({
-            "attacker_loss_clean": statistics.fmean(clean_sets),
-            "attacker_loss_protected": statistics.fmean(prot_sets),
-            "attacker_loss_gain": statistics.fmean(p - c for p, c in zip(prot_sets, clean_sets)),
-            # the noise of one 16-draw measurement: of the loss itself (unpaired), and of the paired gain
-            "attacker_loss_draw_noise": statistics.stdev(clean_sets),
-            "attacker_loss_gain_draw_noise": statistics.stdev(p - c for p, c in zip(prot_sets, clean_sets)),
-            "post_attack_loss_clean_attack": float(post_attack_loss(backbone, on_clean, held, draws)),
-            "post_attack_loss_protected_attack": float(post_attack_loss(backbone, on_protected, held, draws)),
-            "psnr": statistics.fmean(s["psnr"] for s in result.stats["images"]),
-            "rms_255": statistics.fmean(s["rms_255"] for s in result.stats["images"]),
-            "linf_255": max(s["linf_255"] for s in result.stats["images"]),
-            "seconds_protect": seconds,
-        })
-        rows[-1]["efficacy"] = rows[-1]["post_attack_loss_protected_attack"] - rows[-1]["post_attack_loss_clean_attack"]
-    return {k: spread([r[k] for r in rows]) for k in rows[0]}
+
+def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
+    b, c = base.measures, clean.measures
+    closable = b["gen_distance_mean"] - b["train_views_distance"]
+    moved_instance = float((torch.stack(clean.generations[clean.prompt]) - torch.stack(base.generations[base.prompt])).abs().mean())
+    others = [p for p in base.generations if p != base.prompt]
+    moved_other = statistics.fmean(float((torch.stack(clean.generations[p]) - torch.stack(base.generations[p])).abs().mean())
+                                   for p in others) if others else float("nan")
+    return {
+        "post_attack_loss_base": b["post_attack_loss"], "post_attack_loss_attacked": c["post_attack_loss"],
+        "distance_base": b["gen_distance_mean"], "distance_attacked": c["gen_distance_mean"],
+        "distance_train_views": b["train_views_distance"],
+        "gap_closed": (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else float("nan"),
+        "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
+        "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
+        "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],
+        "moved_instance_prompt": moved_instance, "moved_other_prompts": moved_other,
+        "seconds_attack": clean.adapter.seconds if clean.adapter else float("nan"),
+    }
+
+
+def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Side, n: int = 8) -> torch.Tensor:
+    """Rows: training views (4), held-out views, base generations, attacked generations (first n of each)."""
+    rows = [setup.train, setup.held_out, base.generations[base.prompt], clean.generations[clean.prompt]]
+    width = max(len(r[:n]) for r in rows)
+    out = []
+    for r in rows:
+        r = list(r[:n]) + [torch.ones_like(r[0])] * (width - len(r[:n]))
+        out.append(torch.cat(r, dim=2))
+    return torch.cat(out, dim=1).clamp(0, 1)
+
+
+def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
+        target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
+        pictures: Path | None = None, log=print) -> dict:
+    """Every subject x seed x method (x budget), paired against one clean attack per subject and seed."""
+    report: dict = {"personalization": [], "protection": []}
+    matched: dict = {}
+    for name in subjects:
+        for seed in seeds:
+            setup = subject_setup(backbone, name, seed, attack, attack_params, everyone=all_held_out(backbone, seed))
+            t0 = time.perf_counter()
+            # the base and clean sides once per subject and seed, paired with every method's protected side
+            base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train)
+            row = {"subject": name, "seed": seed, **personalization_row(base, clean)}
+            report["personalization"].append(row)
+            log(f"{name} seed {seed}: gap closed {row['gap_closed']:.2f}, retrieval {row['retrieval_attacked']:.2f} "
+                f"(base {row['retrieval_base']:.2f}), {time.perf_counter() - t0:.0f} s")
+            if pictures is not None and seed == seeds[0]:
+                pictures.mkdir(parents=True, exist_ok=True)
+                to_pil(picture(setup, base, clean)).save(pictures / f"{name}.png")
+            for method in methods:
+                if method == "none":
+                    continue
+                for budget in budgets or [None]:
+                    params = {"prompt": setup.attack_params.get("instance_prompt") or f"a photo of sks {setup.noun}",
+                              "seed": seed, **(method_params or {}).get(method, {})}
+                    field = get_method(method).budget_field
+                    if budget is not None:
+                        params[field] = budget
+                    elif target_psnr is not None:
+                        k = (name, method)
+                        if k not in matched:
+                            first = subject_setup(backbone, name, seeds[0], attack, attack_params)
+                            matched[k] = match_psnr(backbone, method, {**params, "seed": seeds[0]}, first.train, target_psnr)
+                        params.update(budget_rms=matched[k]["budget_rms"], linf=matched[k]["linf"])
+                        field = "budget_rms"
+                    t1 = time.perf_counter()
+                    result = protect(setup.train, backbone, method=method, params=params)
+                    seconds = time.perf_counter() - t1
+                    prot = experiment.attack_side(backbone, setup, result.images)
+                    r = experiment.compare(base.measures, clean.measures, prot.measures)
+                    stats = result.stats["images"]
+                    row = {"subject": name, "seed": seed, "method": method, "budget_field": field, "budget": params.get(field),
+                           "psnr": statistics.fmean(s["psnr"] for s in stats), "rms_255": statistics.fmean(s["rms_255"] for s in stats),
+                           "linf_255": max(s["linf_255"] for s in stats), "seconds_protect": seconds, **r,
+                           "post_attack_loss_clean_attack": clean.measures["post_attack_loss"],
+                           "post_attack_loss_protected_attack": prot.measures["post_attack_loss"],
+                           "attacker_loss_gain": statistics.fmean(s["attacker_loss_protected"] - s["attacker_loss_clean"] for s in stats)}
+                    report["protection"].append(row)
+                    log(f"  {method}{'' if budget is None else f' @{budget * 255:.1f}/255'}: PSNR {row['psnr']:.2f}, prevented "
+                        f"loss {_show(r['prevented_loss'])} (noise {_show(r.get('prevented_loss_noise'))}), generation "
+                        f"{_show(r['prevented_generation'])}, {seconds:.0f} s")
+    report["matched_budgets"] = {f"{k[0]}/{k[1]}": v for k, v in matched.items()}
+    return report
+
+
+def _show(v) -> str:
+    return "–" if v is None else v if isinstance(v, str) else f"{v:+.3f}"
+
+
+def summarize(report: dict) -> dict:
+    """Per method: mean ± std over subject x seed of each share, the mean paired noise, PSNR; per subject too; and
+    for every pair of methods whether all paired differences agree in sign."""
+    out: dict = {"personalization": {}, "protection": {}}
+    pers = report["personalization"]
+    if pers:
+        keys = [k for k in pers[0] if k not in ("subject", "seed")]
+        out["personalization"] = {k: spread([r[k] for r in pers]) for k in keys}
+        out["personalization_per_subject"] = {s: {k: spread([r[k] for r in pers if r["subject"] == s]) for k in keys}
+                                              for s in dict.fromkeys(r["subject"] for r in pers)}
+    rows = report["protection"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["budget"] if report.get("sweep") else None), []).append(r)
+    for (method, budget), rs in groups.items():
+        label = method if budget is None else f"{method}@{budget * 255:.1f}"
+        entry = {"rows": len(rs)}
+        for k in ("prevented_loss", "prevented_generation", "prevented_loss_noise", "prevented_generation_noise", "psnr",
+                  "rms_255", "seconds_protect", "loss_difference", "attacker_loss_gain"):
+            entry[k] = spread([r.get(k) for r in rs])
+        out["protection"][label] = entry
+    methods = sorted({r["method"] for r in rows})
+    agree = {}
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            for k in ("prevented_loss", "prevented_generation"):
+                pa = {(r["subject"], r["seed"]): r[k] for r in rows if r["method"] == a and isinstance(r.get(k), float)}
+                pb = {(r["subject"], r["seed"]): r[k] for r in rows if r["method"] == b and isinstance(r.get(k), float)}
+                diffs = [pa[x] - pb[x] for x in pa.keys() & pb.keys()]
+                if diffs:
+                    agree[f"{a} - {b} ({k})"] = {"mean": statistics.fmean(diffs), "positive": sum(d > 0 for d in diffs),
+                                                 "n": len(diffs), "real": all(d > 0 for d in diffs) or all(d < 0 for d in diffs)}
+    out["paired_differences"] = agree
+    return out
+
+
+def print_summary(summary: dict, file=sys.stdout) -> None:
+    p = summary.get("personalization")
+    if p:
+        print("personalization (mean ± std over subjects x seeds):", file=file)
+        for k, v in p.items():
+            print(f"  {k:<32} " + ("–" if v["mean"] is None else f"{v['mean']:.4f} ± {v['std']:.4f} (n {v['n']})"), file=file)
+        for s, d in summary.get("personalization_per_subject", {}).items():
+            f = lambda k, fmt=".2f": "–" if d[k]["mean"] is None else format(d[k]["mean"], fmt)  # noqa: E731
+            print(f"  {s:<10} gap closed {f('gap_closed')} ± {d['gap_closed']['std'] or 0:.2f}, retrieval "
+                  f"{f('retrieval_attacked')}, other prompts toward the subject {f('other_prompts_toward_subject', '+.3f')} "
+                  f"vs the instance prompt {f('instance_prompt_toward_subject', '+.3f')}", file=file)
+    if summary.get("protection"):
+        print(f"{'method':<24} {'PSNR':>6} {'prevented (loss)':>20} {'noise':>7} {'prevented (gen.)':>20} {'noise':>7} {'s/4 img':>8}",
+              file=file)
+        for label, e in summary["protection"].items():
+            def ms(k):
+                v = e[k]
+                return "unavailable" if v["mean"] is None else f"{v['mean']:+.3f} ± {v['std']:.3f}"
+            noise = lambda k: "–" if e[k]["mean"] is None else f"{e[k]['mean']:.3f}"  # noqa: E731
+            print(f"{label:<24} {e['psnr']['mean'] or 0:6.2f} {ms('prevented_loss'):>20} {noise('prevented_loss_noise'):>7} "
+                  f"{ms('prevented_generation'):>20} {noise('prevented_generation_noise'):>7} {e['seconds_protect']['mean'] or 0:8.1f}",
+                  file=file)
+        for k, v in summary.get("paired_differences", {}).items():
+            print(f"  {k}: mean {v['mean']:+.3f}, positive in {v['positive']}/{v['n']} "
+                  f"({'all agree' if v['real'] else 'within noise: signs differ'})", file=file)
+
+
+def sweep_plot(summary: dict, path: Path) -> None:
+    """Efficacy (share of learning prevented, loss) against PSNR: one curve per method, error bars over seeds."""
+    import matplotlib  # deferred: plotting is the only user, and it is slow to import
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # deferred, as matplotlib
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    curves: dict = {}
+    for label, e in summary["protection"].items():
+        method = label.split("@")[0]
+        if e["prevented_loss"]["mean"] is not None:
+            curves.setdefault(method, []).append((e["psnr"]["mean"], e["prevented_loss"]["mean"], e["prevented_loss"]["std"]))
+    for method, pts in sorted(curves.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("PSNR of the protected photos (dB)")
+    ax.set_ylabel("share of learning prevented")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
-    from ldu import load_backbone, methods
-
     ap = argparse.ArgumentParser(prog="python -m eval.efficacy", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="pocket")
-    ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none'")
+    ap.add_argument("--subjects", default=",".join(SUBJECTS), help=f"comma-separated built-in subjects ({', '.join(SUBJECTS)})")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=300, help="attack steps")
+    ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none' (personalization only)")
     ap.add_argument("--attack", default="lora_dreambooth", help="lora_dreambooth, dreambooth or textual_inversion")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="an attack parameter (repeatable)")
-    ap.add_argument("--subject", default="chelsea")
-    ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
-    ap.add_argument("--skip-personalization", action="store_true")
+    ap.add_argument("--method-set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="a method parameter")
+    ap.add_argument("--match-psnr", type=float, default=None, help="set each method's binding budget to land at this PSNR")
+    ap.add_argument("--sweep", default=None, help="budgets in /255 (comma-separated): efficacy against PSNR")
+    ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here (pictures and plots beside it)")
     args = ap.parse_args(argv)
-    from attacks import get_attack
-    from ldu.cli import parse_sets
-
-    try:  # bad names and values fail here, before any work
-        attack_params = parse_sets(args.set, get_attack(args.attack).params)
+    subjects = [s for s in args.subjects.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    try:  # every name and value is checked here, before any work
+        for s in subjects:
+            get_subject(s)
+        for m in methods:
+            if m != "none":
+                get_method(m)
+        attack_params = parse_overrides(args.set, get_attack(args.attack).params, flag="--set ")
+        method_params: dict = {}
+        for item in args.method_set:
+            method, _, rest = item.partition(".")
+            method_params.setdefault(method, {}).update(parse_overrides([rest], get_method(method).params, flag="--method-set "))
+        budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
     except ValueError as err:
         ap.error(str(err))
     bb = load_backbone(args.model)
-    seeds = tuple(range(args.seeds))
-    report = {"model": bb.spec, "revision": bb.revision, "subject": args.subject, "seeds": list(seeds), "steps": args.steps,
-              "attack": args.attack, "attack_params": attack_params}
-    if not args.skip_personalization:
-        report["personalization"], picture = personalization(bb, args.subject, seeds, args.steps, attack_params=attack_params,
-                                                                   attack=args.attack)
-        if args.out:  # rows: held-out views, base model, adapted model ("a photo of sks ..."), first seed
-            from ldu.protect import to_pil
-
-            to_pil(picture.clamp(0, 1)).save(args.out.with_suffix(".png"))
-        print("personalization (mean ± std over seeds):")
-        _print_rows(report["personalization"])
-    for name in [] if args.methods == "none" else args.methods.split(","):
-        methods[name]  # noqa: B018  (unknown names fail here, before any work)
-        report.setdefault("protection", {})[name] = r = protection(bb, name, None, args.subject, seeds, args.steps,
-                                                                        attack_params=attack_params, attack=args.attack)
-        print(f"protection: {name}")
-        _print_rows(r)
+    t0 = time.perf_counter()
+    report = run(bb, subjects, list(range(args.seeds)), methods, args.attack, attack_params, args.match_psnr, method_params,
+                 budgets, pictures=args.out.with_suffix("") if args.out else None)
+    report.update({"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": args.seeds, "attack": args.attack,
+                   "attack_params": attack_params, "match_psnr": args.match_psnr, "sweep": budgets,
+                   "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else argv})
+    summary = summarize(report)
+    report["summary"] = summary
+    print_summary(summary)
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if budgets:
+            sweep_plot(summary, args.out.with_suffix(".png"))
     return 0
-
-
-def _print_rows(rows: dict) -> None:
-    width = max(map(len, rows))
-    for k, v in rows.items():
-        print(f"  {k:<{width}} {v['mean']:.4f} ± {v['std']:.4f}")
 
 
 if __name__ == "__main__":

@@ -11,17 +11,33 @@ report (eval/report.py).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
+import math
 import os
+import shutil
+import statistics
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ldu import get_method, load_backbone, protect
+from ldu.backbone import BackboneError, _locate, resolve_spec
+from ldu.io import load_images
+from ldu.registry import Cancelled, report
+from ldu.protect import to_pil
+from ldu.subjects import get_subject, subject_views
+from ldu.version import code_version, library_versions
+
+from . import experiment
 from .config import Config, Named
+from .metrics import get_metric, measure
+from .report import write_report
 
 CLEAN = Named("none")
 
@@ -61,10 +77,8 @@ def cells(cfg: Config) -> list[Cell]:
 
 
 def cell_key(cell: Cell, cfg: Config, revisions: dict) -> str:
-    from ldu.version import code_version, library_versions
-
     payload = {"cell": cell.spec(), "image_set": _jsonable(cfg.image_sets[cell.image_set]), "generate": cfg.generate,
-               "metrics": cfg.metrics, "code": code_version(), "libraries": library_versions(),
+               "metrics": cfg.metrics, "match_psnr": cfg.match_psnr, "code": code_version(), "libraries": library_versions(),
                "revisions": {b: revisions[b] for b in (cell.protect_backbone, cell.attack_backbone)},
                "images": _image_hashes(cfg.image_sets[cell.image_set]), "device": cfg.device, "dtype": cfg.dtype}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -86,44 +100,40 @@ def _jsonable(d: dict) -> dict:
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
-def image_set_views(spec: dict) -> tuple[list, list]:
-    """(training views, held-out clean views) as LoadedImage lists (pocket subjects) or from folders."""
-    from ldu.io import LoadedImage, load_images
+def image_set_views(spec: dict, seed: int, size: int) -> tuple[list, list | None, str]:
+    """(training views, held-out clean views or None, class noun) of an image set for a seed: a built-in subject's
+    views of that seed (ldu.subjects), or the photos of a folder (the same for every seed)."""
+    if "subject" in spec:
+        def tensors(a):
+            return [torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255 for v in a]
 
-    if "pocket_subject" in spec:
-        from ldu.pocket.data import subject_views
-
-        def loaded(arr, tag):
-            return [LoadedImage(name=f"{spec['pocket_subject']}-{tag}{i}.png",
-                                pixels=torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255) for i, a in enumerate(arr)]
-
-        return (loaded(subject_views(spec["pocket_subject"], spec["train"], seed=spec["seed"]), "train"),
-                loaded(subject_views(spec["pocket_subject"], spec["held_out"], seed=spec["seed"] + 100), "held"))
-    train = load_images([spec["folder"]])
-    held = load_images([spec["held_out_folder"]]) if "held_out_folder" in spec else train
-    return train, held
+        name = spec["subject"]
+        return (tensors(subject_views(name, "train", spec["train"], seed=seed, size=size)[0]),
+                tensors(subject_views(name, "held_out", spec["held_out"], seed=seed, size=size)[0]), get_subject(name).noun)
+    train = [im.pixels for im in load_images([spec["folder"]])]
+    held = [im.pixels for im in load_images([spec["held_out_folder"]])] if "held_out_folder" in spec else None
+    return train, held, spec.get("noun", "person")
 
 
 # ---- running -------------------------------------------------------------------------------------------
 class Runner:
-    def __init__(self, cfg: Config, out: Path, rank: int = 0, world: int = 1, progress=True, should_stop=None):
+    def __init__(self, cfg: Config, out: Path, rank: int = 0, world: int = 1, progress=True, callback=None):
+        """callback(dict): progress per cell and inside it ({"cell": i, "cells": n, ...}); False stops the grid (the
+        cells finished so far stay cached)."""
         self.cfg, self.out, self.rank, self.world, self.progress = cfg, Path(out), rank, world, progress
-        self.should_stop = should_stop or (lambda: False)
+        self.callback = callback
         self._backbones: dict = {}
         self._protected: dict = {}
+        self._budgets: dict = {}
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
 
     def backbone(self, spec: str):
         if spec not in self._backbones:
-            from ldu import load_backbone
-
             self._backbones[spec] = load_backbone(spec, device=self.cfg.device, dtype=self.cfg.dtype)
         return self._backbones[spec]
 
     def revisions(self) -> dict:
         """Each backbone's revision for the cache keys; one that cannot be found fails its cells, not the grid."""
-        from ldu.backbone import BackboneError, _locate, resolve_spec
-
         out = {}
         for s in set(self.cfg.protect_backbones + self.cfg.attack_backbones):
             try:
@@ -133,17 +143,13 @@ class Runner:
         return out
 
     def run(self) -> list[dict]:
-        from tqdm.auto import tqdm
-
         revisions = self.revisions()
         mine = cells(self.cfg)[self.rank :: self.world]
         records = []
         bar = tqdm(mine, desc=f"cells (rank {self.rank}/{self.world})", disable=not self.progress, position=0)
-        for cell in bar:
-            if self.should_stop():
-                from ldu.registry import Cancelled
-
-                raise Cancelled("grid stopped between cells; finished cells stay cached")
+        for i, cell in enumerate(bar):
+            self._cell = {"cell": i + 1, "cells": len(mine), "label": cell.label()}
+            report(self.callback, {"stage": "cell", "step": i, "total": len(mine), **self._cell})
             key = cell_key(cell, self.cfg, revisions)
             path = self.out / "cells" / f"{key}.json"
             if path.exists():
@@ -166,6 +172,8 @@ class Runner:
         try:
             record.update(self._chain(cell, key))
             record["status"] = "ok"
+        except Cancelled:
+            raise
         except Exception as err:  # noqa: BLE001  (one failing cell must not stop the grid)
             record["status"] = "error"
             record["error"] = f"{type(err).__name__}: {err}"
@@ -173,67 +181,72 @@ class Runner:
         record["seconds"] = time.perf_counter() - t0
         return record
 
-    def _protected_images(self, cell: Cell, train):
-        """Protected training views, shared by every cell with the same set, method, backbone and seed."""
-        from ldu import protect
+    def _inside(self):
+        """Progress inside the current cell, labelled with the cell (None without a callback)."""
+        if self.callback is None:
+            return None
+        return lambda info: self.callback({**info, **self._cell})
 
+    def budget(self, cell: Cell) -> dict:
+        """With match_psnr: the method's binding budget for this image set, found at seed 0 and reused for every seed."""
+        if self.cfg.match_psnr is None or cell.method.name == "none":
+            return {}
+        k = (cell.image_set, cell.method.label(), cell.protect_backbone)
+        if k not in self._budgets:
+            bb = self.backbone(cell.protect_backbone)
+            train, _, noun = image_set_views(self.cfg.image_sets[cell.image_set], self.cfg.seeds[0], bb.resolution)
+            params = {"prompt": f"a photo of sks {noun}", "seed": self.cfg.seeds[0], **cell.method.params}
+            self._budgets[k] = match_psnr(bb, cell.method.name, params, train, self.cfg.match_psnr)
+        return self._budgets[k]
+
+    def _protected_images(self, cell: Cell, train, noun: str):
+        """Protected training views, shared by every cell with the same set, method, backbone and seed."""
         k = (cell.image_set, cell.method.label(), cell.protect_backbone, cell.seed)
         if k not in self._protected:
-            if cell.method.name == "none":
-                self._protected[k] = ([im.pixels for im in train], {})
-            else:
-                bb = self.backbone(cell.protect_backbone)
-                params = {**cell.method.params}
-                from ldu import get_method
-
-                if "seed" in get_method(cell.method.name).params.__dataclass_fields__:
-                    params.setdefault("seed", cell.seed)
-                result = protect(train, bb, method=cell.method.name, params=params)
-                self._protected[k] = (result.images, result.stats["batch"])
+            bb = self.backbone(cell.protect_backbone)
+            matched = self.budget(cell)
+            params = {"prompt": f"a photo of sks {noun}", "seed": cell.seed, **cell.method.params,
+                      **{k: v for k, v in matched.items() if k in ("budget_rms", "linf")}}
+            result = protect(train, bb, method=cell.method.name, params=params, callback=self._inside())
+            self._protected[k] = (result.images, {**result.stats["batch"], "matched": matched})
         return self._protected[k]
 
     def _chain(self, cell: Cell, key: str) -> dict:
-        from attacks import generate, get_attack, post_attack_loss, purify, train
-        from ldu import make_draws
-        from ldu.protect import to_pil
-
-        from .metrics import get_metric, measure
-
         folder = self.out / "cells" / key
         folder.mkdir(parents=True, exist_ok=True)
-        train_views, held = image_set_views(self.cfg.image_sets[cell.image_set])
-        clean = [im.pixels for im in train_views]
-        protected, protect_stats = self._protected_images(cell, train_views)
+        ab = self.backbone(cell.attack_backbone)
+        spec = self.cfg.image_sets[cell.image_set]
+        clean, held, noun = image_set_views(spec, cell.seed, ab.resolution)
+        setup = experiment.Setup(train=clean, held_out=held, noun=noun, seed=cell.seed, attack=cell.attack.name,
+                                 attack_params=dict(cell.attack.params), n_gen=self.cfg.generate["n"],
+                                 gen_steps=self.cfg.generate["steps"], guidance=self.cfg.generate["guidance"],
+                                 other_prompts=tuple(self.cfg.generate["prompts"]) if "prompts" in self.cfg.generate else None)
         metrics: dict = {}
-        if cell.method.name != "none":  # imperceptibility of the protection itself (before any purification)
-            for name in self.cfg.metrics:
+        times: dict = {}
+        record: dict = {"noun": noun, "held_out": held is not None}
+        t = time.perf_counter()
+        if cell.method.name == "none":
+            protected, protect_stats = clean, {}
+            base = experiment.reference(ab, setup, callback=self._inside())
+            record["base"] = base.measures
+        else:
+            protected, protect_stats = self._protected_images(cell, clean, noun)
+            for name in self.cfg.metrics:  # imperceptibility of the protection itself (before any purification)
                 if get_metric(name).kind == "imperceptibility":
                     metrics[name] = measure(name, clean, protected)
-        times = {}
+        times["protect"] = time.perf_counter() - t
         t = time.perf_counter()
-        ab = self.backbone(cell.attack_backbone)
-        if cell.purification.name != "none":
-            protected = purify(protected, cell.purification.name, {**cell.purification.params}, backbone=ab)
-        times["purify"] = time.perf_counter() - t
-        t = time.perf_counter()
-        attack_params = {**cell.attack.params}
-        if "seed" in get_attack(cell.attack.name).params.__dataclass_fields__:
-            attack_params.setdefault("seed", cell.seed)
-        adapter = train(ab, protected, cell.attack.name, attack_params, out=folder / "adapter", overwrite=True)
-        times["attack"] = time.perf_counter() - t
-        draws = make_draws(16, len(held), ab.latent_shape(), ab.num_train_timesteps, seed=10_000 + cell.seed)
-        metrics["post_attack_loss"] = float(post_attack_loss(ab, adapter, held, draws))
-        t = time.perf_counter()
-        prompts = self.cfg.generate.get("prompts") or [adapter.prompt]
-        n = self.cfg.generate["n"]
-        jobs = [(p, 1000 * cell.seed + i) for p in prompts for i in range(n)]
-        gens = generate(ab, adapter, [p for p, _ in jobs], [s for _, s in jobs], steps=self.cfg.generate["steps"],
-                        guidance=self.cfg.generate["guidance"])
-        times["generate"] = time.perf_counter() - t
-        references = [im.pixels for im in held]
+        purification = (cell.purification.name, dict(cell.purification.params))
+        side = experiment.attack_side(ab, setup, protected, out=folder / "adapter", purification=purification,
+                                      callback=self._inside())
+        times["attack_and_measure"] = time.perf_counter() - t
+        record["side"] = side.measures
+        gens = side.generations[side.prompt]
         for name in self.cfg.metrics:
             if get_metric(name).kind == "efficacy":
-                metrics[name] = measure(name, gens[:n], references, prompts[0])
+                metrics[name] = measure(name, gens, held, side.prompt) if held is not None else experiment.NO_HELD_OUT
+        if "post_attack_loss" in side.measures:
+            metrics["post_attack_loss"] = side.measures["post_attack_loss"]
         images = {"clean": [], "protected": [], "generations": []}
         for i, (c, p) in enumerate(zip(clean, protected)):
             to_pil(c).save(folder / f"clean_{i}.png")
@@ -244,12 +257,38 @@ class Runner:
             to_pil(g).save(folder / f"gen_{i}.png")
             images["generations"].append(f"cells/{key}/gen_{i}.png")
         if cell.attack.name == "dreambooth":  # a full UNet per cell would fill the disk; its numbers are kept
-            import shutil
-
             shutil.rmtree(folder / "adapter", ignore_errors=True)
-        return {"metrics": metrics, "train_curve": adapter.train_curve, "times": times, "images": images,
-                "protect_stats": {k: v for k, v in protect_stats.items() if k != "method"},
-                "prompts": prompts}
+        return {**record, "metrics": metrics, "train_curve": side.train_curve, "times": times, "images": images,
+                "protect_stats": {k: v for k, v in protect_stats.items() if k != "method"}, "prompt": side.prompt}
+
+
+def match_psnr(backbone, method: str, params: dict, views, target_db: float, tolerance: float = 0.3, max_runs: int = 8) -> dict:
+    """The budget that puts the protected views' mean PSNR within `tolerance` dB of `target_db`, by a secant search
+    on log(budget) (PSNR is close to linear in it) from the RMS that would give the target exactly.
+
+    Every method is matched on its RMS budget, with its L-inf cap set to twice it (LDU's own ratio: 8/255 and
+    16/255). An L-inf budget alone cannot be matched: the saved residual is rounded toward zero to whole code steps, so
+    with most pixels at the cap the PSNR moves in jumps of 1-2 dB per 1/255 of L-inf; the RMS projection before the
+    rounding moves it smoothly. Returns {"budget_rms", "linf", "psnr": reached, "runs": n, "target_psnr"}."""
+    get_method(method)  # an unknown name fails here
+    start = 10 ** (-target_db / 20)  # the RMS that gives target_db exactly
+    tried: list[tuple[float, float]] = []
+    budget = start
+    for _ in range(max_runs):
+        result = protect(views, backbone, method=method, params={**params, "budget_rms": budget, "linf": min(1.0, 2 * budget)})
+        reached = statistics.fmean(s["psnr"] for s in result.stats["images"])
+        tried.append((math.log(budget), reached))
+        if abs(reached - target_db) <= tolerance:
+            return {"budget_rms": budget, "linf": min(1.0, 2 * budget), "psnr": reached, "runs": len(tried), "target_psnr": target_db}
+        if len(tried) == 1:
+            slope = -20 / math.log(10)  # PSNR = -20 log10(rms): d PSNR / d log(budget) when the budget binds fully
+        else:
+            (x0, y0), (x1, y1) = tried[-2], tried[-1]
+            slope = (y1 - y0) / (x1 - x0) if x1 != x0 and y1 != y0 else -20 / math.log(10)
+            slope = min(slope, -1.0)  # more budget never makes the PSNR higher; keep the step finite
+        budget = min(1.0, math.exp(tried[-1][0] + (target_db - tried[-1][1]) / slope))
+    raise ValueError(f"{method}: no budget within {tolerance} dB of {target_db} dB PSNR after {max_runs} runs "
+                     f"(reached {', '.join(f'{y:.2f}' for _, y in tried)} dB): the method may not spend its budget")
 
 
 def distributed() -> tuple[int, int]:
@@ -257,21 +296,17 @@ def distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run(cfg: Config, out: Path, progress: bool = True, should_stop=None) -> Path | None:
+def run(cfg: Config, out: Path, progress: bool = True, callback=None) -> Path | None:
     """Run this process's shard; rank 0 then merges every shard and writes the report. Returns the report path."""
-    from .report import write_report
-
     rank, world = distributed()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if world > 1 and not torch.distributed.is_initialized():
-        import datetime
-
         # CPU-only barrier, works offline; shards can differ by hours, so the barrier must not time out at 30 min
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         if cfg.device is None and torch.cuda.is_available():  # one GPU per process
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    Runner(cfg, out, rank, world, progress, should_stop).run()
+    Runner(cfg, out, rank, world, progress, callback).run()
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
