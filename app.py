@@ -1,29 +1,43 @@
-"""LDU Playground — the Gradio UI. Widgets only: every function wired here lives in ldu/, attacks/ or eval/ and runs
-the same from the CLI and the tests.
+"""LDU Playground — the Gradio UI: widgets and wiring only. Everything a tab computes is in eval/playground.py (and
+below it), which runs the same without gradio from scripts, tests and benchmarks.
 
-Uploads go through `ldu.io.load_images` (the CLI's loader); every image shown or offered is PNG, and downloads are
-the files `save_png` wrote, bit-exact. Models load lazily, on first use, on the device this machine has. Heavy work
-goes through one queue; Stop works through the progress callback's cancel.
+Uploads go through the CLI's loader; every image shown or offered is PNG, and downloads are the files `save_png`
+wrote, bit-exact. Models load lazily on first use. Jobs run one at a time under one lock; Stop, a client's cancel
+and a closed tab all stop the work at its next step; each session's files are removed when it ends or goes idle.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
-from ldu.backbone import BUILTIN
-from ldu.methods import methods
+from attacks import attacks, purifications
+from eval import playground as pg
+from eval.config import quick
+from ldu.backbone import BUILTIN, BackboneError, load_backbone
+from ldu.methods import get_method
+from ldu.subjects import SUBJECTS
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = ROOT / "assets" / "examples"
 MAX_FILES = 8
 MAX_FILE_SIZE = "20mb"
 BUILTINS = ("pocket", "tiny")
+IDLE_SECONDS = float(os.environ.get("LDU_SESSION_IDLE_SECONDS", 240))  # REST sessions never say goodbye
+
+try:  # ZeroGPU Spaces: a GPU is attached only inside functions decorated with spaces.GPU
+    import spaces
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:
+    def gpu(fn):
+        return fn
 
 
 def allowed_models() -> list[str]:
@@ -31,99 +45,75 @@ def allowed_models() -> list[str]:
     env = [m.strip() for m in os.environ.get("LDU_MODELS", "").split(",") if m.strip()]
     if env:
         return env
-    import torch
+    import torch  # deferred: app.py itself imports no torch at module level
 
     found = [b for b in BUILTINS if (BUILTIN[b] / "model_index.json").exists()]
     return (["sd15"] if torch.cuda.is_available() else []) + found
 
 
-try:  # ZeroGPU Spaces: a GPU is attached only inside functions decorated with spaces.GPU
-    import spaces
-
-    gpu = spaces.GPU(duration=120)
-except ImportError:
-
-    def gpu(fn):
-        return fn
-
-
-# ---- per-session state: output folders and cancel flags ---------------------------------------------------
-_BASE = Path(tempfile.mkdtemp(prefix="ldu-app-"))
-_SESSIONS: dict[str, Path] = {}
-_CANCEL: dict[str, threading.Event] = {}
+# ---- sessions: files, jobs, cleanup ---------------------------------------------------------------------------
+SESSIONS: pg.Sessions | None = None  # made by build(): per-server folders, jobs and cleanup
 _BACKBONES: dict = {}
-_LOCK = threading.Lock()  # sessions and cancel flags (fast)
-_MODEL_LOCK = threading.Lock()  # model loading (can take minutes: Stop must not wait for it)
+_MODEL_LOCK = threading.Lock()
 
 
-def session_dir(request: gr.Request) -> Path:
-    key = request.session_hash or "anonymous"
-    with _LOCK:
-        if key not in _SESSIONS:
-            _SESSIONS[key] = Path(tempfile.mkdtemp(prefix="session-", dir=_BASE))
-        return _SESSIONS[key]
+def start_sessions() -> pg.Sessions:
+    """This server's sessions under <gradio's upload folder>/ldu-sessions/server-<pid>; folders of servers that are
+    no longer running (one that died) are removed first, and a sweeper removes ended and idle sessions."""
+    global SESSIONS
+    if SESSIONS is None:
+        base = Path(get_upload_folder()) / "ldu-sessions"
+        for old in base.glob("server-*"):
+            if not _alive(old.name.removeprefix("server-")):
+                shutil.rmtree(old, ignore_errors=True)
+        SESSIONS = pg.Sessions(base / f"server-{os.getpid()}", idle_seconds=IDLE_SECONDS)
+
+        def sweeper():
+            while True:
+                time.sleep(min(30.0, IDLE_SECONDS / 4))
+                SESSIONS.sweep()
+
+        threading.Thread(target=sweeper, daemon=True, name="session-sweeper").start()
+    return SESSIONS
 
 
-def cancel_event(request: gr.Request) -> threading.Event:
-    with _LOCK:
-        return _CANCEL.setdefault(request.session_hash or "anonymous", threading.Event())
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _key(request: gr.Request) -> str:
+    return request.session_hash or "anonymous"
 
 
 def end_session(request: gr.Request) -> None:
-    key = request.session_hash or "anonymous"
-    with _LOCK:
-        folder = _SESSIONS.pop(key, None)
-        event = _CANCEL.pop(key, None)
-    if event is not None:  # a job of a closed tab stops at its next step instead of holding the queue
-        event.set()
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+    SESSIONS.end(_key(request))
 
 
 def stop(request: gr.Request) -> str:
-    cancel_event(request).set()
-    return "Stopping: the running job ends at its next step."
-
-
-_ARMED: set[str] = set()
-
-
-def arm(request: gr.Request) -> str:
-    """A button press queues a job: clear this session's Stop flag NOW, so a Stop pressed while the job still
-    waits in the queue stops it when it starts."""
-    cancel_event(request).clear()
-    with _LOCK:
-        _ARMED.add(request.session_hash or "anonymous")
-    return ""
-
-
-def begin(request: gr.Request) -> threading.Event:
-    """A job starts: its cancel flag. A job that was not armed by a button (an API call) drops a stale Stop."""
-    event = cancel_event(request)
-    with _LOCK:
-        armed = (request.session_hash or "anonymous") in _ARMED
-        _ARMED.discard(request.session_hash or "anonymous")
-    if not armed:
-        event.clear()
-    return event
+    SESSIONS.stop(_key(request))
+    return "Stopping…"
 
 
 def backbone(spec: str):
-    import torch
-
-    from ldu.backbone import BackboneError, load_backbone
+    import torch  # deferred, as in allowed_models()
 
     if spec not in allowed_models():
-        raise gr.Error(f"Model {spec!r} is not on this server's allow-list ({', '.join(allowed_models())}).")
+        raise gr.Error(f"Model {spec!r} is not on this server's allow-list ({', '.join(allowed_models())}).", print_exception=False)
     if spec not in BUILTINS and not torch.cuda.is_available():
         raise gr.Error(f"{spec} is a full-size Stable Diffusion: on a CPU one step takes minutes. Pick pocket or tiny, "
-                       "or run the app on a GPU.")
+                       "or run the app on a GPU.", print_exception=False)
     with _MODEL_LOCK:
         if spec not in _BACKBONES:
             try:
                 _BACKBONES[spec] = load_backbone(spec)
             except BackboneError as err:
-                raise gr.Error(str(err)) from None
+                raise gr.Error(str(err), print_exception=False) from None
         return _BACKBONES[spec]
 
 
@@ -136,280 +126,250 @@ def banner(spec: str) -> str:
     return "ℹ️ " + notes.get(spec, f"**{spec}**: Stable Diffusion.")
 
 
-def _progress_callback(progress, event: threading.Event, label: str):
-    def callback(info):
-        if event.is_set():
-            return False
-        total = max(1, info.get("total", 1) or 1)
-        progress(min(1.0, info.get("step", 0) / total), desc=f"{label}: {info.get('stage', '')} {info.get('step', 0)}/{total}")
-        return True
-
-    return callback
-
-
 def _paths(files) -> list[str]:
-    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files or []]
 
 
-def _load(files):
-    from ldu.io import ImageLoadError, load_images
-
-    if not files:
-        raise gr.Error("Upload 1 to 8 photos of one subject first (or click an example).")
-    paths = _paths(files)
-    if len(paths) > MAX_FILES:
-        raise gr.Error(f"{len(paths)} files: upload at most {MAX_FILES} photos of one subject.")
-    try:
-        return load_images(paths)
-    except ImageLoadError as err:
-        raise gr.Error(" · ".join(f"{Path(n).name}: {p}" for n, p in err.problems)) from None
+def _fail(message: str):
+    raise gr.Error(message, print_exception=False)
 
 
-def _params(method: str, kind: str, iterations, budget_255, seed, advanced: str):
-    from ldu.cli import parse_sets
-
-    m = methods[method]
-    fields = m.params.__dataclass_fields__
-    overrides = {"seed": int(seed)}
-    if "iterations" in fields:
-        if iterations is None or iterations < 0:
-            raise gr.Error("Iterations must be 0 or more.")
-        overrides["iterations"] = int(iterations)
-    if budget_255:
-        overrides["linf" if m.binds == "linf" else "budget_rms"] = float(budget_255) / 255
-    try:
-        overrides.update(parse_sets([line for line in (advanced or "").splitlines() if line.strip()], m.params))
-        return m.make_params(kind, **overrides)
-    except ValueError as err:
-        raise gr.Error(str(err)) from None
+def _kind(model: str) -> str:
+    return model if model in BUILTINS else "sd"
 
 
-def estimate(files, model, method, iterations, budget_255, seed, advanced):
+def _run(request, progress, label: str, work, *args, kind: str, **kwargs):
+    """Run a job of this session; yields status texts while it runs and returns its JobResult (StopIteration)."""
+    for what, payload in SESSIONS.run(_key(request), work, *args, kind=kind, **kwargs):
+        if what == "progress":
+            total = max(1, payload.get("total", 1) or 1)
+            step = payload.get("step", 0)
+            where = f"cell {payload['cell']}/{payload['cells']} · " if "cell" in payload else ""
+            progress(min(1.0, step / total), desc=f"{label}: {where}{payload.get('stage', '')} {step}/{total}")
+            yield f"⏳ {label}: {where}{payload.get('stage', '')} {step}/{total}"
+        else:
+            return payload
+    return None
+
+
+# ---- Protect -----------------------------------------------------------------------------------------------------
+def method_controls(method: str, model: str):
+    """The effort and budget sliders of a method, with its defaults for this model."""
+    m = get_method(method)
+    p = m.make_params(_kind(model))
+    effort = getattr(p, m.effort_field)
+    budget = getattr(p, m.budget_field)
+    what = "RMS" if m.budget_field == "budget_rms" else "L∞"
+    return (gr.update(value=effort, label=f"{m.effort_field.replace('_', ' ').capitalize()} (default {effort})"),
+            gr.update(value=round(budget * 255, 2), label=f"Budget: {what} in /255 (default {budget * 255:.3g})"))
+
+
+def subject_note(files) -> tuple:
+    """When the uploads are a built-in subject's examples: its noun, and that held-out views come with it."""
+    info = pg.builtin_subject(_paths(files)) if files else None
+    if info is None:
+        return gr.update(), ""
+    return (gr.update(value=info["class_noun"]),
+            f"Example subject **{info['name']}**: {len(info['held_out_paths'])} held-out photos of it come with the "
+            "example, so the Attack tab can measure what an attacker learned on photos it never saw.")
+
+
+def estimate(files, model, method, effort, budget, seed, advanced):
     """The time estimate shown before a run (loads the model on first use)."""
-    from eval.compare import estimate_seconds, unet_seconds
-
-    if not files:
-        return "Upload photos to see a time estimate."
+    paths = _paths(files)[:MAX_FILES]
+    if not paths:
+        return "Upload photos (or click an example) to see a time estimate."
     try:
         bb = backbone(model)
-        params = _params(method, bb.kind, iterations, budget_255, seed, advanced)
-        secs = estimate_seconds(bb, method, params, min(len(files), MAX_FILES), _sizes(files[:MAX_FILES]))
-        return f"⏱️ Estimate: about {secs:.0f} s for {min(len(files), MAX_FILES)} photo(s) (one UNet step measured at {unet_seconds(bb) * 1000:.0f} ms)."
+        params = pg.method_params(method, bb.kind, effort, budget, seed, advanced)
+        sizes = [pg.oriented_size(p) for p in paths]
+        secs = pg.estimate_protect(bb, method, params, sizes)
     except gr.Error as err:
         return f"⚠️ {err.message}"
-
-
-def _sizes(files) -> list[tuple[int, int]] | None:
-    """(height, width) of each upload as protect() will see it (EXIF orientation applied), from the file's header;
-    None when one is not a readable image (the run itself says why)."""
-    from ldu.io import oriented_size
-
-    try:
-        return [oriented_size(path) for path in _paths(files)]
-    except Exception:  # noqa: BLE001
-        return None
+    except Exception as err:  # noqa: BLE001  (an estimate never stops the page; the run itself names the problem)
+        return f"⚠️ {err}"
+    return f"⏱️ About {secs:.0f} s for {len(paths)} photo(s) (one UNet step measured at {pg.unet_seconds(bb) * 1000:.0f} ms)."
 
 
 @gpu
-def run_protect(files, model, method, iterations, budget_255, seed, advanced, request: gr.Request, progress=gr.Progress()):
-    import torch
-
-    from eval.metrics import measure
-    from ldu.io import save_png
-    from ldu.protect import protect, squeezed_note
-
-    images = _load(files)
+def run_protect(files, model, method, effort, budget, seed, advanced, noun, request: gr.Request, progress=gr.Progress()):
+    paths = _paths(files)
+    SESSIONS.note_uploads(_key(request), paths)
     bb = backbone(model)
-    params = _params(method, bb.kind, iterations, budget_255, seed, advanced)
-    event = begin(request)
-    out = session_dir(request) / f"protect-{len(list(session_dir(request).iterdir()))}"
     try:
-        result = protect(images, bb, method=method, params=params, callback=_progress_callback(progress, event, method))
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        raise gr.Error("Out of GPU memory: try fewer photos or iterations.") from None
-    except Exception as err:  # Cancelled, or anything else: a message in the page, the app keeps serving
-        if type(err).__name__ == "Cancelled":
-            raise gr.Error("Stopped.") from None
-        raise gr.Error(f"{type(err).__name__}: {err}") from None
-    paths = result.save(out)
-    manifests = [p.with_suffix(".json") for p in paths]
-    clean_pngs = [save_png(im.pixels, im, out / "clean" / f"{p.stem}.png")  # for the slider
-                  for p, im in zip(paths, result.sources)]
-    diff = _difference_map(result.sources[0].pixels, result.images[0], out / "difference_x10.png")
-    rows = []
-    for p, s, src, prot in zip(paths, result.stats["images"], result.sources, result.images):
-        lp = measure("lpips", [src.pixels], [prot])
-        rows.append([p.name, round(s["psnr"], 2), round(s["ssim"], 4), lp if isinstance(lp, str) else round(lp, 4),
-                     round(s["rms_255"], 2), round(s["linf_255"], 2), round(s["attacker_loss_clean"], 5),
-                     round(s["attacker_loss_protected"], 5)])
-    b = result.stats["batch"]
-    summary = (f"{banner(model)}\n\n✅ {method} protected {len(paths)} photo(s) in {b['seconds']:.1f} s "
-               f"({b['unet_calls']} UNet calls). Attacker loss on held-out draws: {b['attacker_loss_clean']:.5f} → "
-               f"{b['attacker_loss_protected']:.5f}.")
-    squeezed = [p.name for p, s in zip(paths, result.stats["images"]) if s.get("squeezed")]
-    if squeezed:
-        summary += f"\n\n⚠️ {squeezed_note(squeezed)}."
-    return ([str(p) for p in paths], (str(clean_pngs[0]), str(paths[0])), str(diff), rows,
-            [str(p) for p in paths + manifests], summary)
-
-
-def _difference_map(clean, protected, path: Path) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    d = (protected.float() - clean.float()).permute(1, 2, 0).numpy() * 10 + 0.5
-    Image.fromarray((np.clip(d, 0, 1) * 255).round().astype(np.uint8)).save(path)
-    return path
+        params = pg.method_params(method, bb.kind, effort, budget, seed, advanced, noun=pg.clean_noun(noun))
+    except ValueError as err:
+        _fail(str(err))
+    clear = (None, None, None, None, None)
+    yield ("⏳ Protecting…", *clear, None, "")
+    out = SESSIONS.folder(_key(request), "protect")
+    job = _run(request, progress, method, pg.protect_photos, paths, bb, method, params, out, kind="protect")
+    while True:
+        try:
+            status = next(job)
+        except StopIteration as done:
+            result = done.value
+            break
+        yield (status, *(gr.update(),) * 6)
+    if result.status == "stopped":
+        yield ("⏹️ Stopped. Nothing was kept from this run.", *clear, None, "")
+        return
+    if not result.ok:
+        _fail(result.message)
+    o = result.outputs
+    state = {"paths": o["protected"], "fingerprint": pg.fingerprint(paths, bb, method, params), "method": method}
+    unavailable = "; ".join(f"{k}: {v.removeprefix('unavailable: ')}" for k, v in o["unavailable"].items())
+    yield (f"{banner(model)}\n\n✅ {result.message}", o["slider"], o["difference"], o["rows"],
+           o["protected"] + o["manifests"], state, f"<small>Not measured here: {unavailable}</small>" if unavailable else "")
 
 
 @gpu
-def run_survives_posting(files, protected_files, model, method, advanced, request: gr.Request):
-    from eval.compare import survives_posting
-
-    if not protected_files:
-        raise gr.Error("Protect some photos first.")
-    clean = [im.pixels for im in _load(files)]
-    protected = [im.pixels for im in _load([p for p in protected_files if str(p).endswith(".png")])]
+def run_survives_posting(files, state, model, noun, request: gr.Request, progress=gr.Progress()):
+    if not state:
+        _fail("Protect some photos first.")
     bb = backbone(model)
-    prompt = getattr(_params(method, bb.kind, 0, None, 0, advanced), "prompt", "a photo of sks person")
-    r = survives_posting(bb, clean, protected, prompt)
-    kept = "n/a" if r["kept"] != r["kept"] else f"{100 * r['kept']:.0f} %"
-    return (f"Attacker loss clean → protected: {r['clean']:.5f} → {r['protected']:.5f} (gain {r['gain']:+.5f}). "
-            f"After resize ×0.75 + JPEG q85: {r['clean_posted']:.5f} → {r['protected_posted']:.5f} "
-            f"(gain {r['gain_after_posting']:+.5f}; {kept} of the gain kept).")
+    prompt = f"a photo of sks {pg.clean_noun(noun)}"
+    result = None
+    job = _run(request, progress, "posting", pg.survives_posting, _paths(files), state["paths"], bb, prompt, kind="protect")
+    while True:
+        try:
+            yield next(job)
+        except StopIteration as done:
+            result = done.value
+            break
+    if result.status == "stopped":
+        yield "⏹️ Stopped."
+        return
+    if not result.ok:
+        _fail(result.message)
+    yield result.message
 
 
+# ---- Attack & compare ------------------------------------------------------------------------------------------
 @gpu
-def run_attack(files, protected_files, model, attack, steps, purification, seed, n_gen, request: gr.Request,
-               progress=gr.Progress()):
-    import torch
-
-    from eval.compare import attack_and_compare
-
-    if not protected_files:
-        raise gr.Error("Protect some photos in the Protect tab first: the attack compares clean and protected.")
-    if steps is None or steps < 1:
-        raise gr.Error("Steps must be at least 1.")
-    clean = [im.pixels for im in _load(files)]
-    protected = [im.pixels for im in _load([p for p in protected_files if str(p).endswith(".png")])]
+def run_attack(files, held_files, model, noun, state, method, effort, budget, seed, advanced, attack, steps, purification,
+               attack_seed, n_gen, seeds, request: gr.Request, progress=gr.Progress()):
+    paths = _paths(files)
+    SESSIONS.note_uploads(_key(request), paths + _paths(held_files))
+    if not state:
+        _fail("Protect some photos in the Protect tab first: the attack compares the clean and the protected photos.")
     bb = backbone(model)
-    event = begin(request)
-    held = _example_held_out(files)
     try:
-        r = attack_and_compare(bb, clean, protected, attack, {"steps": int(steps), **_attack_prompt(attack, files)},
-                               purification, None, held_out=held, seed=int(seed), n_gen=int(n_gen),
-                               gen_steps=25 if bb.kind != "tiny" else 4, guidance=4.0 if bb.kind != "sd" else 7.5,
-                               callback=_progress_callback(progress, event, attack))
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        raise gr.Error("Out of GPU memory: try fewer steps or a smaller attack.") from None
-    except Exception as err:  # noqa: BLE001
-        if type(err).__name__ == "Cancelled":
-            raise gr.Error("Stopped.") from None
-        raise gr.Error(f"{type(err).__name__}: {err}") from None
-    out = session_dir(request) / f"attack-{len(list(session_dir(request).iterdir()))}"
-    out.mkdir(parents=True)
-    from ldu.protect import to_pil
+        params = pg.method_params(method, bb.kind, effort, budget, seed, advanced, noun=pg.clean_noun(noun))
+        if pg.fingerprint(paths, bb, method, params) != state["fingerprint"]:
+            _fail("The protected photos were made from other photos, another model or other settings than those now in "
+                  "the Protect tab: protect again first (or put them back).")
+        setup = pg.attack_setup(bb, paths, _paths(held_files), noun, attack, steps, attack_seed, n_gen,
+                                subject=pg.builtin_subject(paths))
+    except ValueError as err:
+        _fail(str(err))
+    empty = (None, None, None, None, None, "")
+    yield ("⏳ Attacking…", *empty)
+    out = SESSIONS.folder(_key(request), "attack")
+    job = _run(request, progress, attack, pg.attack_both, bb, setup, state["paths"], purification, out, kind="attack",
+               seeds=int(seeds or 1))
+    while True:
+        try:
+            status = next(job)
+        except StopIteration as done:
+            result = done.value
+            break
+        yield (status, *(gr.update(),) * 6)
+    if result.status == "stopped":
+        yield ("⏹️ Stopped. Nothing was kept from this run.", *empty)
+        return
+    if not result.ok:
+        _fail(result.message)
+    o = result.outputs
+    ref_label = "held-out photos (never given to the attacker)" if o["references_are_held_out"] else "your photos"
+    return_ = (result.message, [(p, ref_label if i == 0 else None) for i, p in enumerate(o["reference_paths"])],
+               o["clean_paths"], o["protected_paths"], o["rows"], _curves_plot(*o["curves"]),
+               f"Prompt: *{o['prompt']}*; same seeds for the three rows.")
+    yield return_
 
-    galleries = []
-    for name, gens in zip(("clean", "protected"), r["generations"]):
-        paths = []
-        for i, g in enumerate(gens):
-            paths.append(str(out / f"{name}_{i}.png"))
-            to_pil(g).save(paths[-1])
-        galleries.append(paths)
-    rows = [[name, a if a is None or isinstance(a, str) else round(a, 5), b if isinstance(b, str) else round(b, 5)]
-            for name, a, b in r["rows"]]
-    note = ("post_attack_loss is measured on " + ("held-out photos of the example subject." if held is not None else
-            "your clean photos themselves (no separate held-out photos), which favours the clean attack."))
-    return _curves_plot(*r["curves"]), galleries[0], galleries[1], rows, note
+
+def attack_estimate(model, attack, steps, n_gen, seeds):
+    try:
+        bb = backbone(model)
+        secs = pg.estimate_attack(bb, attack, {"steps": int(steps)}, int(n_gen)) * int(seeds or 1)
+    except Exception as err:  # noqa: BLE001  (an estimate never stops the page)
+        return f"⚠️ {getattr(err, 'message', err)}"
+    return f"⏱️ About {secs:.0f} s for both attacks, the base model and the generations."
 
 
 def _curves_plot(clean, protected):
     from matplotlib.figure import Figure  # not pyplot: nothing global to leak per call
 
-    fig = Figure(figsize=(6, 3))
+    fig = Figure(figsize=(7, 3))
     ax = fig.subplots()
-    ax.plot(clean, label="attack on clean photos", alpha=0.8)
-    ax.plot(protected, label="attack on protected photos", alpha=0.8)
+    for curve, name, colour in ((clean, "attack on clean photos", "tab:blue"), (protected, "attack on protected photos", "tab:orange")):
+        ax.plot(curve, color=colour, alpha=0.2, lw=0.8)
+        ax.plot(pg.smoothed(curve), color=colour, lw=2, label=name)
     ax.set_xlabel("training step")
-    ax.set_ylabel("diffusion loss")
-    ax.legend()
+    ax.set_ylabel("training loss (smoothed)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
 
-def _attack_prompt(attack: str, files) -> dict:
-    """The instance prompt: 'cat' for the example cat, 'cup' for the coffee, 'person' otherwise."""
-    names = " ".join(Path(str(f)).name for f in files)
-    noun = "cat" if "chelsea" in names or "cat" in names else "cup" if "coffee" in names or "cup" in names else "person"
-    if attack == "textual_inversion":
-        return {"instance_prompt": f"a photo of a <sks> {noun}"}
-    return {"instance_prompt": f"a photo of sks {noun}"}
-
-
-def _example_held_out(files):
-    """Held-out views when the uploads are one of the example subjects (same file names), else None."""
-    names = {Path(str(f)).name for f in files}
-    for subject in ("chelsea", "coffee"):
-        train = EXAMPLES / subject / "train"
-        if train.is_dir() and names and names <= {p.name for p in train.iterdir()}:
-            from ldu.io import load_images
-
-            return [im.pixels for im in load_images([EXAMPLES / subject / "held_out"])]
-    return None
-
-
+# ---- Batch evaluation --------------------------------------------------------------------------------------------
 @gpu
-def run_batch(files, model, chosen_methods, chosen_purifications, attack, steps, image_set, seeds, request: gr.Request,
-              progress=gr.Progress(track_tqdm=True)):
-    from eval.config import ConfigError, parse
-    from eval.grid import run
-
+def run_batch(files, held_files, noun, model, chosen_methods, chosen_purifications, attack, steps, image_set, seeds,
+              match, request: gr.Request, progress=gr.Progress()):
     if not chosen_methods:
-        raise gr.Error("Pick at least one protection method.")
-    if image_set == "my uploads":
-        if not files:
-            raise gr.Error("Upload photos in the Protect tab first, or pick an example subject.")
-        folder = session_dir(request) / "batch-inputs"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        for f in files:
-            shutil.copy(str(f), folder / Path(str(f)).name)
-        sets = {"uploads": {"folder": str(folder)}}
-    else:
-        sets = {image_set: {"pocket_subject": image_set, "train": 4, "held_out": 4}}
-    noun = "cat" if image_set == "chelsea" else "cup" if image_set == "coffee" else "person"
-    prompt = f"a photo of sks {noun}"
-    takes_prompt = {m for m in chosen_methods if "prompt" in methods[m].params.__dataclass_fields__}
-    raw = {"name": f"batch ({model})", "image_sets": sets, "protect_backbone": model,
-           "methods": [{"name": m, "params": {"prompt": prompt} if m in takes_prompt else {}} for m in chosen_methods],
-           "purifications": ["none", *chosen_purifications],
-           "attacks": [{"name": attack, "params": {"steps": int(steps), **_attack_prompt(attack, [noun])}}],
-           "generate": {"n": 2, "steps": 25 if model != "tiny" else 4, "guidance": 4.0},
-           "metrics": ["psnr", "ssim", "linf", "rms", "lpips", "thumb_distance", "clip_i"], "seeds": list(range(int(seeds)))}
+        _fail("Pick at least one protection method.")
+    backbone(model)
     try:
-        backbone(model)
-        cfg = parse(raw)
-    except ConfigError as err:
-        raise gr.Error("; ".join(err.problems)) from None
-    out = session_dir(request) / f"batch-{len(list(session_dir(request).iterdir()))}"
-    event = begin(request)
-    try:
-        report = run(cfg, out, progress=True, should_stop=event.is_set)
-    except Exception as err:  # noqa: BLE001
-        if type(err).__name__ == "Cancelled":
-            raise gr.Error("Stopped (finished cells are kept in the session's results).") from None
-        raise gr.Error(f"{type(err).__name__}: {err}") from None
-    import csv
+        if image_set == "my uploads":
+            paths = _paths(files)
+            if not paths:
+                _fail("Upload photos in the Protect tab first, or pick a built-in subject.")
+            folder = SESSIONS.folder(_key(request), "batch-inputs")
+            for p in paths:
+                shutil.copy(p, folder / Path(p).name)
+            spec = {"folder": str(folder), "noun": pg.clean_noun(noun)}
+            if _paths(held_files):
+                held = SESSIONS.folder(_key(request), "batch-held-out")
+                for p in _paths(held_files):
+                    shutil.copy(p, held / Path(p).name)
+                spec["held_out_folder"] = str(held)
+            set_noun = spec["noun"]
+        else:
+            spec = {"subject": image_set, "train": 4, "held_out": 8}
+            set_noun = SUBJECTS[image_set].noun
+        cfg = quick(spec, model, chosen_methods, chosen_purifications, attack, steps, seeds, set_noun,
+                    match_psnr=match or None)
+    except ValueError as err:  # ConfigError included
+        _fail(str(err).replace("\n", "; "))
+    out = SESSIONS.folder(_key(request), "batch")
+    yield ("⏳ Running the grid…", None, None, None, None)
+    job = _run(request, progress, "grid", pg.batch_grid, cfg, out, kind="batch")
+    while True:
+        try:
+            status = next(job)
+        except StopIteration as done:
+            result = done.value
+            break
+        yield (status, gr.update(), gr.update(), gr.update(), gr.update())
+    if result.status == "stopped":
+        yield ("⏹️ Stopped. Finished cells are kept in this session's results.", None, None, None, None)
+        return
+    if not result.ok:
+        _fail(result.message)
+    o = result.outputs
+    yield (result.message, o["rows"], o["plots"][0] if o["plots"] else None, o["plots"][1] if len(o["plots"]) > 1 else None,
+           o["files"])
 
-    rows = list(csv.DictReader(open(out / "summary.csv")))
-    keep = ["method", "purification", "seeds", "efficacy_mean", "efficacy_std", "post_attack_loss_mean", "psnr_mean", "ssim_mean"]
-    table = [[r.get(k, "") for k in keep] for r in rows]
-    archive = shutil.make_archive(str(out), "zip", out)
-    plots = [str(out / p) for p in ("plot_psnr_vs_efficacy.png", "plot_purification.png") if (out / p).exists()]
-    return table, (plots[0] if plots else None), (plots[1] if len(plots) > 1 else None), [archive, str(report)]
+
+def batch_estimate(model, chosen_methods, chosen_purifications, attack, steps, seeds, match):
+    if not chosen_methods:
+        return ""
+    try:
+        bb = backbone(model)
+        secs = pg.estimate_batch(bb, chosen_methods, chosen_purifications, attack, steps, seeds, bool(match))
+    except Exception as err:  # noqa: BLE001
+        return f"⚠️ {getattr(err, 'message', err)}"
+    return f"⏱️ About {secs / 60:.0f} min ({secs:.0f} s) on this machine."
 
 
 def about_text() -> str:
@@ -419,7 +379,7 @@ def about_text() -> str:
         "the latent space so that the decoded photo looks the same but a DreamBooth/LoRA fine-tune on it learns the "
         "subject worse. Here it is a per-image optimisation: DDIM-invert the photo to t* = strength × T, optimise a "
         "shift of that latent so the decoded image maximises the attacker's diffusion loss, and keep only the change "
-        "it causes, projected onto a small per-image budget (8/255 RMS by default).\n\n"
+        "it causes, projected onto a small per-image budget.\n\n"
         "## Models\n"
         f"Allowed here: {', '.join(allowed_models())}. **pocket** is a 64 px miniature trained on a handful of public "
         "images: effects are real but small-scale. **tiny** has random weights (every path runs, nothing means "
@@ -430,98 +390,160 @@ def about_text() -> str:
         "on this machine.\n"
         "- A protection is tested here against the attacks in this app; others (and purifications) may undo it.\n"
         "- Protected images are PNG, bit-exact. Re-encoding them (JPEG, WebP, resizing) changes the perturbation: "
-        "the *survives posting?* check measures how much of the effect is left.\n\n"
-        "Example photos: scikit-image's bundled chelsea and coffee (CC0)."
+        "the *survives posting?* check measures how much of the effect is left.\n"
+        "- Your photos stay on this server only while your session lasts; they are deleted when you close the tab.\n\n"
+        "Example subjects: three drawn by this project's code; chelsea and coffee from scikit-image (CC0)."
     )
 
 
+PRIVATE = {"api_visibility": "private"}  # UI plumbing, not part of the app's API
+CSS = """
+#stats table, #result-table table { table-layout: fixed; width: 100%; }
+#stats td, #stats th, #result-table td, #result-table th { overflow-wrap: anywhere; }
+"""
+
+
 def build() -> gr.Blocks:
+    start_sessions()
     models = allowed_models()
     default_model = next((m for m in ("pocket", "sd15", "tiny") if m in models), models[0])
-    examples = [[sorted(str(p) for p in (EXAMPLES / s / "train").glob("*.png"))] for s in ("chelsea", "coffee")
-                if (EXAMPLES / s / "train").is_dir()]
+    kind = _kind(default_model)
+    subjects = pg.example_subjects()
+    examples = [[info["train_paths"]] for info in subjects.values()]
+    methods = pg.listed_methods()
+    first = get_method("ldu")
+    p0 = first.make_params(kind)
+    attack_names = attacks.listed()
+    default_steps = attacks["lora_dreambooth"].make_params(kind).steps
     with gr.Blocks(title="LDU Playground") as demo:
         gr.Markdown("# LDU Playground\nProtect photos against diffusion personalization, then play the attacker.")
-        model = gr.Dropdown(models, value=default_model, label="Model", elem_id="model")
-        model_banner = gr.Markdown(banner(default_model))
-        model.change(banner, model, model_banner)
-        stopper = gr.Button("Stop the running job", variant="stop", elem_id="stop")
-        stop_note = gr.Markdown()
-        stopper.click(stop, None, stop_note, queue=False, api_name="stop")
+        with gr.Row():
+            model = gr.Dropdown(models, value=default_model, label="Model", elem_id="model", scale=1)
+            model_banner = gr.Markdown(banner(default_model))
+        model.change(banner, model, model_banner, **PRIVATE)
+        protected_state = gr.State(None)
         with gr.Tab("Protect"):
             with gr.Row():
                 with gr.Column():
                     files = gr.File(label="1–8 photos of one subject", file_count="multiple", file_types=["image"],
                                     elem_id="uploads")
                     if examples:
-                        gr.Examples(examples, inputs=[files], label="Example subjects (scikit-image, CC0)")
-                    method = gr.Dropdown(sorted(methods), value="ldu", label="Method", elem_id="method")
-                    iterations = gr.Slider(0, 200, value=8, step=1, label="Iterations")
-                    budget = gr.Slider(1, 16, value=8, step=0.5, label="Budget (x/255): RMS for LDU, Linf for pixel methods")
-                    seed = gr.Number(0, precision=0, label="Seed")
-                    advanced = gr.Textbox(label="Advanced parameters (NAME=VALUE per line)", lines=2,
-                                          placeholder="strength=0.4\nprompt=a photo of sks cat")
-                    eta = gr.Markdown("Upload photos to see a time estimate.", elem_id="estimate")
-                    go = gr.Button("Protect", variant="primary", elem_id="protect")
+                        gr.Examples(examples, inputs=[files], label="Example subjects",
+                                    example_labels=[info["name"] for info in subjects.values()])
+                    subject_info = gr.Markdown(elem_id="subject-info")
+                    noun = gr.Textbox("person", label="What the photos show (the attack's class word)", max_length=40,
+                                      elem_id="noun")
+                    with gr.Accordion("Held-out photos (optional)", open=False):
+                        held_files = gr.File(label="Other photos of the same subject, never given to the attacker: they "
+                                                   "measure what it learned", file_count="multiple", file_types=["image"],
+                                             elem_id="held-out")
+                    method = gr.Dropdown(methods, value="ldu", label="Method", elem_id="method")
+                    effort = gr.Slider(0, 200, value=getattr(p0, first.effort_field), step=1,
+                                       label=f"Iterations (default {getattr(p0, first.effort_field)})", elem_id="effort")
+                    budget = gr.Slider(0.5, 32, value=round(p0.budget_rms * 255, 2), step=0.5,
+                                       label=f"Budget: RMS in /255 (default {p0.budget_rms * 255:.3g})", elem_id="budget")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    with gr.Accordion("Advanced parameters", open=False):
+                        advanced = gr.Textbox(label="NAME=VALUE per line (see `python -m ldu methods`)", lines=3,
+                                              max_length=pg.MAX_ADVANCED_CHARS, placeholder="strength=0.4")
+                    eta = gr.Markdown("Upload photos (or click an example) to see a time estimate.", elem_id="estimate")
+                    with gr.Row():
+                        go = gr.Button("Protect", variant="primary", elem_id="protect")
+                        stop_protect = gr.Button("Stop", variant="secondary", visible=False, elem_id="stop-protect")
                 with gr.Column():
                     summary = gr.Markdown(elem_id="protect-summary")
                     slider = gr.ImageSlider(label="Before / after", format="png", type="filepath", elem_id="slider")
-                    diff = gr.Image(label="Difference ×10 (first photo)", format="png", type="filepath")
-                    gallery = gr.Gallery(label="Protected (PNG)", format="png", columns=4, elem_id="protected")
-                    table = gr.Dataframe(headers=["file", "PSNR", "SSIM", "LPIPS", "RMS/255", "Linf/255", "attacker loss clean",
-                                                  "protected"], label="Statistics", elem_id="metrics")
+                    diff = gr.Image(label="Difference ×10 (first photo)", format="png", type="filepath", interactive=False)
+                    table = gr.Dataframe(headers=pg.STAT_HEADERS, label="Statistics", elem_id="stats", interactive=False,
+                                         wrap=True, column_widths=["28%"] + ["12%"] * 6, max_chars=40)
+                    unavailable = gr.Markdown(elem_id="protect-unavailable")
                     downloads = gr.File(label="Download: protected PNGs (bit-exact) and their manifests",
-                                        file_count="multiple", elem_id="downloads")
-                    posting = gr.Button("Survives posting? (JPEG + resize)")
+                                        file_count="multiple", interactive=False, elem_id="downloads")
+                    posting = gr.Button("Survives posting? (JPEG + resize)", elem_id="posting")
                     posting_out = gr.Markdown()
-            for trigger in (files.change, method.change, iterations.change, model.change):
-                trigger(estimate, [files, model, method, iterations, budget, seed, advanced], eta, concurrency_id="estimate",
-                        concurrency_limit=1)
-            go.click(arm, None, stop_note, queue=False).then(run_protect, [files, model, method, iterations, budget, seed, advanced],
-                     [gallery, slider, diff, table, downloads, summary], api_name="protect", concurrency_id="gpu",
-                     concurrency_limit=1)
-            posting.click(run_survives_posting, [files, downloads, model, method, advanced], posting_out,
-                          api_name="survives_posting", concurrency_id="gpu", concurrency_limit=1)
+            files.change(subject_note, files, [noun, subject_info], **PRIVATE)
+            method.change(method_controls, [method, model], [effort, budget], **PRIVATE)
+            model.change(method_controls, [method, model], [effort, budget], **PRIVATE)
+            for trigger in (files.change, method.change, effort.change, model.change):
+                trigger(estimate, [files, model, method, effort, budget, seed, advanced], eta, concurrency_id="estimate",
+                        concurrency_limit=1, show_progress="hidden", **PRIVATE)
+            show = lambda: gr.update(visible=True)  # noqa: E731
+            hide = lambda: gr.update(visible=False)  # noqa: E731
+            go.click(show, None, stop_protect, queue=False, **PRIVATE).then(
+                run_protect, [files, model, method, effort, budget, seed, advanced, noun],
+                [summary, slider, diff, table, downloads, protected_state, unavailable], api_name="protect",
+                concurrency_id="gpu", concurrency_limit=1).then(hide, None, stop_protect, queue=False, **PRIVATE)
+            stop_protect.click(stop, None, summary, queue=False, api_name="stop")
+            posting.click(run_survives_posting, [files, protected_state, model, noun], posting_out, api_name="survives_posting",
+                          concurrency_id="gpu", concurrency_limit=1)
         with gr.Tab("Attack & compare"):
-            gr.Markdown("Fine-tune the same attack, with the same seed, on the clean and on the protected photos of the "
-                        "Protect tab, and compare what each learned.")
+            gr.Markdown("The same attack, with the same seed, on the clean and on the protected photos of the Protect tab; "
+                        "then what each learned, measured on held-out photos of the subject.")
             with gr.Row():
-                attack = gr.Dropdown(["lora_dreambooth", "textual_inversion", "dreambooth"], value="lora_dreambooth", label="Attack")
-                steps = gr.Slider(1, 1000, value=100, step=1, label="Training steps", elem_id="attack-steps")
-                purification = gr.Dropdown(["none", "jpeg", "gaussian_blur", "resize", "gaussian_noise", "diffpure"],
-                                           value="none", label="Purify the protected photos first")
-                attack_seed = gr.Number(0, precision=0, label="Seed")
+                attack = gr.Dropdown(attack_names, value="lora_dreambooth", label="Attack")
+                steps = gr.Slider(1, 1000, value=default_steps, step=1, label=f"Training steps (default {default_steps})",
+                                  elem_id="attack-steps")
+                purification = gr.Dropdown(["none", *purifications.listed()], value="none", label="Purify the protected photos first")
+                attack_seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 n_gen = gr.Slider(1, 8, value=4, step=1, label="Generations")
-            attack_go = gr.Button("Attack both", variant="primary", elem_id="attack")
-            curves = gr.Plot(label="Training loss")
+                attack_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds (more: a spread, and more time)")
+            attack_eta = gr.Markdown(elem_id="attack-estimate")
             with gr.Row():
-                gen_clean = gr.Gallery(label="After attacking the CLEAN photos", format="png", columns=4, elem_id="gen-clean")
-                gen_prot = gr.Gallery(label="After attacking the PROTECTED photos", format="png", columns=4, elem_id="gen-protected")
-            attack_table = gr.Dataframe(headers=["metric", "clean attack", "protected attack"], label="Efficacy", elem_id="efficacy")
-            attack_note = gr.Markdown()
-            attack_go.click(arm, None, stop_note, queue=False).then(run_attack, [files, downloads, model, attack, steps, purification, attack_seed, n_gen],
-                            [curves, gen_clean, gen_prot, attack_table, attack_note], api_name="attack",
-                            concurrency_id="gpu", concurrency_limit=1)
+                attack_go = gr.Button("Attack both", variant="primary", elem_id="attack")
+                stop_attack = gr.Button("Stop", variant="secondary", visible=False, elem_id="stop-attack")
+            verdict = gr.Markdown(elem_id="verdict")
+            with gr.Row(equal_height=True):
+                references = gr.Gallery(label="The subject (held-out photos)", format="png", columns=4, height=220,
+                                        elem_id="references", interactive=False)
+                gen_clean = gr.Gallery(label="After attacking the CLEAN photos", format="png", columns=4, height=220,
+                                       elem_id="gen-clean", interactive=False)
+                gen_prot = gr.Gallery(label="After attacking the PROTECTED photos", format="png", columns=4, height=220,
+                                      elem_id="gen-protected", interactive=False)
+            result_table = gr.Dataframe(headers=pg.RESULT_HEADERS, label="What the attacker learned", elem_id="result-table",
+                                        interactive=False, wrap=True, column_widths=["40%", "20%", "20%", "20%"], max_chars=60)
+            with gr.Accordion("Details: training curves", open=False):
+                curves = gr.Plot(label="Training loss")
+                attack_note = gr.Markdown()
+            attack_go.click(show, None, stop_attack, queue=False, **PRIVATE).then(
+                run_attack, [files, held_files, model, noun, protected_state, method, effort, budget, seed, advanced, attack,
+                             steps, purification, attack_seed, n_gen, attack_seeds],
+                [verdict, references, gen_clean, gen_prot, result_table, curves, attack_note], api_name="attack",
+                concurrency_id="gpu", concurrency_limit=1).then(hide, None, stop_attack, queue=False, **PRIVATE)
+            stop_attack.click(stop, None, verdict, queue=False, api_visibility="undocumented")
+            for trigger in (attack.change, steps.change, n_gen.change, attack_seeds.change, model.change):
+                trigger(attack_estimate, [model, attack, steps, n_gen, attack_seeds], attack_eta, concurrency_id="estimate",
+                        concurrency_limit=1, show_progress="hidden", **PRIVATE)
         with gr.Tab("Batch evaluation"):
             gr.Markdown("The grid runner of `python -m eval run`: methods × purifications × one attack on an image set, "
                         "over seeds, with a downloadable report.")
             with gr.Row():
-                b_methods = gr.CheckboxGroup(sorted(methods), value=["ldu"], label="Methods")
-                b_purif = gr.CheckboxGroup(["jpeg", "gaussian_blur", "resize", "diffpure"], value=[], label="Purifications")
+                b_methods = gr.CheckboxGroup(methods, value=["ldu"], label="Methods")
+                b_purif = gr.CheckboxGroup(purifications.listed(), value=[], label="Purifications")
             with gr.Row():
-                b_attack = gr.Dropdown(["lora_dreambooth", "textual_inversion"], value="lora_dreambooth", label="Attack")
-                b_steps = gr.Slider(1, 1000, value=100, step=1, label="Attack steps")
-                b_set = gr.Radio(["chelsea", "coffee", "my uploads"], value="chelsea", label="Image set")
-                b_seeds = gr.Slider(1, 5, value=2, step=1, label="Seeds")
-            b_go = gr.Button("Run the grid", variant="primary")
-            b_table = gr.Dataframe(headers=["method", "purification", "seeds", "efficacy", "efficacy std", "post_attack_loss",
-                                            "PSNR", "SSIM"], label="Summary (mean and std over seeds)")
+                b_attack = gr.Dropdown(attack_names, value="lora_dreambooth", label="Attack")
+                b_steps = gr.Slider(1, 1000, value=default_steps, step=1, label=f"Attack steps (default {default_steps})")
+                b_set = gr.Radio([*SUBJECTS, "my uploads"], value=next(iter(SUBJECTS)), label="Image set")
+                b_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds")
+                b_match = gr.Number(None, label="Match PSNR (dB, optional)", minimum=20, maximum=50)
+            b_eta = gr.Markdown()
             with gr.Row():
-                b_plot1 = gr.Image(label="PSNR vs efficacy", format="png", type="filepath")
-                b_plot2 = gr.Image(label="Efficacy per purification", format="png", type="filepath")
-            b_files = gr.File(label="Report (zip) and report.html", file_count="multiple")
-            b_go.click(arm, None, stop_note, queue=False).then(run_batch, [files, model, b_methods, b_purif, b_attack, b_steps, b_set, b_seeds],
-                       [b_table, b_plot1, b_plot2, b_files], api_name="batch", concurrency_id="gpu", concurrency_limit=1)
+                b_go = gr.Button("Run the grid", variant="primary", elem_id="batch")
+                stop_batch = gr.Button("Stop", variant="secondary", visible=False)
+            b_status = gr.Markdown()
+            b_table = gr.Dataframe(headers=pg.BATCH_HEADERS, label="Summary (mean ± std over seeds)", interactive=False,
+                                   wrap=True, max_chars=40)
+            with gr.Row():
+                b_plot1 = gr.Image(label="Learning prevented vs PSNR", format="png", type="filepath", interactive=False)
+                b_plot2 = gr.Image(label="Learning prevented per purification", format="png", type="filepath", interactive=False)
+            b_files = gr.File(label="Report (zip, with its images)", file_count="multiple", interactive=False)
+            for trigger in (b_methods.change, b_purif.change, b_attack.change, b_steps.change, b_seeds.change, model.change):
+                trigger(batch_estimate, [model, b_methods, b_purif, b_attack, b_steps, b_seeds, b_match], b_eta,
+                        concurrency_id="estimate", concurrency_limit=1, show_progress="hidden", **PRIVATE)
+            b_go.click(show, None, stop_batch, queue=False, **PRIVATE).then(
+                run_batch, [files, held_files, noun, model, b_methods, b_purif, b_attack, b_steps, b_set, b_seeds, b_match],
+                [b_status, b_table, b_plot1, b_plot2, b_files], api_name="batch", concurrency_id="gpu",
+                concurrency_limit=1).then(hide, None, stop_batch, queue=False, **PRIVATE)
+            stop_batch.click(stop, None, b_status, queue=False, api_visibility="undocumented")
         with gr.Tab("About"):
             gr.Markdown(about_text())
         demo.unload(end_session)
@@ -529,4 +551,4 @@ def build() -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build().queue(max_size=16).launch(max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES)])
+    build().queue(max_size=16).launch(max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES)], css=CSS)

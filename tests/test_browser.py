@@ -1,39 +1,97 @@
-"""A real browser (Debian's Chromium driven by Playwright) against the app: upload an example, protect, see the
-slider and the metrics, run a short attack, see both generation grids; a screenshot lands in the test's tmp folder."""
+"""A real browser (Debian's Chromium driven by Playwright) against the app: an example subject, protect, the verdict and
+the three-way image row after an attack, tables that keep to their columns on a phone, and Stop as a neutral outcome.
+Screenshots land in the test's tmp folder (and in $LDU_SCREENSHOTS, when set: docs/screenshots is made this way)."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run"]
+OVERFLOW = """(sel) => Array.from(document.querySelectorAll(sel + ' td, ' + sel + ' th'))
+    .filter(c => c.offsetParent !== null && c.scrollWidth > c.clientWidth + 1).map(c => c.innerText.slice(0, 40))"""
+ERRORS = """() => Array.from(document.querySelectorAll('.error, [data-testid="toast-body"]'))
+    .filter(e => e.offsetParent !== null && /error/i.test(e.className + ' ' + e.innerText)).map(e => e.innerText.slice(0, 80))"""
 
 
-def test_protect_then_attack_in_a_real_browser(app_url, tmp_path):
+def _shot(page, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("LDU_SCREENSHOTS"):
+        Path(os.environ["LDU_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["LDU_SCREENSHOTS"]) / f"{name}.png")
+    return path
+
+
+def _set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+@pytest.mark.slow
+def test_protect_then_attack_shows_the_verdict_and_the_three_way_row(app_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     assert Path(CHROMIUM).exists(), "Debian's chromium is required (.ci/run installs it: apt-get install -y chromium)"
-    example = sorted((ROOT / "assets" / "examples" / "chelsea" / "train").glob("*.png"))[:2]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(app_url)
-        page.locator("#uploads input[type=file]").set_input_files([str(p) for p in example])
-        expect(page.locator("#estimate")).to_contain_text("Estimate", timeout=60_000)
+        page.get_by_role("button", name="robot").first.click()  # the example subject
+        expect(page.locator("#subject-info")).to_contain_text("Example subject", timeout=60_000)
+        expect(page.locator("#noun textarea, #noun input").first).to_have_value("robot")
+        _set_number(page, "effort", 2)
+        expect(page.locator("#estimate")).to_contain_text("About", timeout=60_000)
         page.locator("#protect").click()
-        expect(page.locator("#protect-summary")).to_contain_text("protected 2 photo", timeout=180_000)
+        expect(page.locator("#protect-summary")).to_contain_text("protected 4 photo", timeout=180_000)
         expect(page.locator("#slider img").first).to_be_visible(timeout=30_000)
-        expect(page.locator("#metrics")).to_contain_text("chelsea-train-0.png")
+        expect(page.locator("#downloads")).to_contain_text("robot-train-0.png")
+        assert page.locator("#downloads input[type=file]").count() == 0  # a download list, not an upload box
+        _shot(page, tmp_path, "protect")
         page.get_by_role("tab", name="Attack & compare").click()
-        steps = page.locator("#attack-steps input[type=number]")
-        steps.fill("2")
-        steps.press("Enter")
+        _set_number(page, "attack-steps", 2)
         page.locator("#attack").click()
-        expect(page.locator("#gen-clean img").first).to_be_visible(timeout=240_000)
-        expect(page.locator("#gen-protected img").first).to_be_visible(timeout=30_000)
-        expect(page.locator("#efficacy")).to_contain_text("post_attack_loss")
-        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        verdict = page.locator("#verdict")
+        expect(verdict).to_contain_text("seed", timeout=300_000)  # "... (1 seed; draw noise ...)" or a reason
+        for gallery in ("references", "gen-clean", "gen-protected"):
+            expect(page.locator(f"#{gallery} img").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#result-table")).to_contain_text("learning prevented")
+        assert page.evaluate(ERRORS) == []
+        _shot(page, tmp_path, "attack")
+        page.set_viewport_size({"width": 390, "height": 900})
+        page.wait_for_timeout(500)
+        assert page.evaluate(OVERFLOW, "#result-table") == []
+        _shot(page, tmp_path, "attack-phone")
+        page.get_by_role("tab", name="Protect").click()
+        page.wait_for_timeout(500)
+        assert page.evaluate(OVERFLOW, "#stats") == []
+        _shot(page, tmp_path, "protect-phone")
         browser.close()
-    assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_stop_is_neutral_in_the_browser(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    example = sorted((ROOT / "assets" / "examples" / "kite" / "train").glob("*.png"))[:1]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(app_url)
+        page.locator("#uploads input[type=file]").set_input_files([str(x) for x in example])
+        _set_number(page, "effort", 200)
+        expect(page.locator("#stop-protect")).to_be_hidden()
+        page.locator("#protect").click()
+        expect(page.locator("#stop-protect")).to_be_visible(timeout=30_000)
+        expect(page.locator("#protect-summary")).to_contain_text("⏳", timeout=60_000)
+        page.locator("#stop-protect").click()
+        expect(page.locator("#protect-summary")).to_contain_text("Stopped", timeout=60_000)
+        expect(page.locator("#stop-protect")).to_be_hidden(timeout=30_000)
+        assert page.evaluate(ERRORS) == []
+        assert page.locator("#downloads").inner_text().find(".png") < 0  # nothing stale offered
+        browser.close()
