@@ -1,0 +1,53 @@
+"""LDU, amortised: the latent shift comes from a generator trained once for the backbone (ldu/amortised.py), so a
+photo costs one VAE encode, one generator pass and one VAE decode (no UNet). The fast option of the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..amortised import load, protect_batch
+from . import Method, MethodParams, check, check_budget, param, report
+
+GENERATORS = Path(__file__).resolve().parent.parent.parent / "assets" / "generators"
+
+
+@dataclass
+class AmortisedParams(MethodParams):
+    budget_rms: float | None = param(8 / 255, "per-image RMS of the final residual, [0,1] pixels (the binding budget)")
+    linf: float | None = param(16 / 255, "cap on every pixel of the residual, [0,1] pixels")
+    generator: str = param("", "folder of a trained generator (default: the one shipped for the backbone, "
+                               "assets/generators/<backbone>)")
+    iterations: int = param(1, "1: one generator pass; 0: no change (the contract's zero-iteration case)")
+
+    def __post_init__(self):
+        check_budget(self)
+        check(self.iterations in (0, 1), f"iterations must be 0 or 1 (one forward pass), got {self.iterations}")
+
+
+def generator_folder(backbone, p: AmortisedParams) -> Path:
+    if p.generator:
+        return Path(p.generator)
+    return GENERATORS / backbone.kind
+
+
+@torch.no_grad()
+def amortised(backbone, x: torch.Tensor, p: AmortisedParams, draws, callback=None):
+    if p.iterations == 0:
+        return x.clone(), {"generator": None}
+    gen, record = load(generator_folder(backbone, p), backbone)
+    out = protect_batch(backbone, gen, x, p.budget_rms, p.linf)
+    report(callback, {"stage": "ldu_amortised", "step": 1, "total": 1})
+    return out, {"generator": str(generator_folder(backbone, p)), "generator_hash": record["hash"],
+                 "generator_backbone_revision": record.get("backbone_revision")}
+
+
+METHOD = Method(
+    name="ldu_amortised", params=AmortisedParams, fn=amortised, budget_field="budget_rms",
+    summary="LDU with the amortised generator: the latent shift in one forward pass (train one: python -m ldu.amortised)",
+    cost=lambda p: 0.5 * p.iterations,  # one VAE encode, one generator pass, one decode: no UNet
+    effort_field="iterations",
+    listed=any(GENERATORS.glob("*/generator.safetensors")),  # the app offers it once a generator ships
+)
