@@ -10,6 +10,7 @@ import torch
 from ldu.backbone import BUILTIN
 
 POCKET = BUILTIN["pocket"]
+VAE_HELD_OUT_DB = 28.0  # issue goal; docs/RESULTS.md has the measured value
 
 
 @pytest.fixture(scope="module")
@@ -41,34 +42,49 @@ def test_a_complete_diffusers_folder_within_30_mb(pocket):
     assert white > 0.25 and red > 0.1, (white, red)
 
 
-def test_vae_reconstructs_held_out_photos(pocket):
-    from ldu.metrics import psnr
-    from ldu.pocket.data import subject_views
+def test_the_vae_keeps_identity_colours_and_eyes(pocket):
+    """The goals the VAE was trained for, measured on images it never saw (ldu.pocket.check.vae_measures)."""
+    from ldu.pocket.check import vae_measures
 
-    views = torch.from_numpy(subject_views("chelsea", 16, seed=3)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        rec = pocket.decode(pocket.encode(views)).clamp(0, 1)
-    assert np.mean([psnr(a, b) for a, b in zip(views, rec)]) >= 24
+        m, _ = vae_measures(lambda x: pocket.decode(pocket.encode(x)))
+    assert m["held_out_photos_mean"] >= VAE_HELD_OUT_DB, m["held_out_photos"]
+    assert m["synthetic_psnr_min"] >= 30 and m["synthetic_colour_shift_max_255"] <= 1.0, m["synthetic"]
+    assert min(m["chelsea_left_eye_psnr"], m["chelsea_right_eye_psnr"]) >= 24, m
 
 
+@pytest.mark.slow
 def test_ldu_raises_the_attacker_loss_far_beyond_the_draw_noise_of_the_gain(pocket):
     from ldu import attacker_loss, make_draws, protect
-    from ldu.pocket.data import subject_views
+    from ldu.subjects import subject_views
 
-    views = [torch.from_numpy(v).permute(2, 0, 1).float() / 255 for v in subject_views("chelsea", 4, seed=0)]
-    result = protect(views, pocket, method="ldu", params={"prompt": "a photo of sks cat", "seed": 0})
+    views = [torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255 for v in subject_views("robot", "train", 2, seed=0)[0]]
+    result = protect(views, pocket, method="ldu", params={"prompt": "a photo of sks robot", "seed": 0, "iterations": 20})
     x, xp = torch.stack(views), torch.stack(result.images)
-    cond = pocket.encode_prompt("a photo of sks cat")
+    cond = pocket.encode_prompt("a photo of sks robot")
     clean, prot = [], []
     with torch.no_grad():
         for k in range(5):  # independent sets of 64 draws the protection never saw
-            d = make_draws(64, 4, pocket.latent_shape(), pocket.num_train_timesteps, seed=777 + k)
+            d = make_draws(64, 2, pocket.latent_shape(), pocket.num_train_timesteps, seed=777 + k)
             clean.append(float(attacker_loss(pocket, x, cond, d, max_batch=64)))
             prot.append(float(attacker_loss(pocket, xp, cond, d, max_batch=64)))
     gains = np.array(prot) - np.array(clean)  # paired: the same draws for clean and protected
     noise = np.std(gains, ddof=1)  # draw-to-draw noise of one 64-draw measurement of the gain
     assert gains.min() > 0 and gains.mean() > 5 * noise, (gains, noise)
     assert all(s["rms"] <= 8 / 255 for s in result.stats["images"])
+
+
+@pytest.mark.slow
+def test_the_default_attack_learns_a_subject_it_never_saw(pocket):
+    """Personalization is visible: the app's default attack on 4 views of the robot brings "a photo of sks robot"
+    generations at least half-way from the base model to the held-out views (16 x 16 thumbnails)."""
+    from eval.efficacy import personalization_row, subject_setup
+    from eval.experiment import attack_side, reference
+
+    setup = subject_setup(pocket, "robot", 0, "lora_dreambooth", {}, n_gen=8)
+    setup.other_prompts = ()
+    row = personalization_row(reference(pocket, setup), attack_side(pocket, setup, setup.train))
+    assert row["gap_closed"] >= 0.5, row
 
 
 def test_training_is_seeded_and_resumes(tmp_path):
@@ -94,7 +110,7 @@ def test_gpu_preset_path_on_a_cpu(tmp_path):
     from ldu.pocket.train import PRESETS, train
 
     cfg = replace(PRESETS["gpu"], vae_steps=2, unet_steps=2, decoder_steps=2, vae_batch=4, unet_batch=8, vae_pool=128,
-                  decoder_pool=64, dataset=64)
+                  decoder_pool=64, decoder_batch=4, dataset=64)
     folder = train(tmp_path / "run", cfg, progress=_quiet, device="cpu")
     assert json.loads((folder / "training.json").read_text())["config"]["vae_pool"] == 128
     bb = load_backbone(str(folder), device="cpu", dtype=torch.float32)

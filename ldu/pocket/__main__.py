@@ -2,7 +2,13 @@
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+import torch
+
+from .check import check
+from .train import PRESETS, train
 
 
 def main(argv=None) -> int:
@@ -24,22 +30,14 @@ def main(argv=None) -> int:
     c.add_argument("--out", type=Path, default=None, help="where to write check.json and grid.png (default: the model folder)")
     c.add_argument("--samples", type=int, default=16, help="generations per caption class")
     args = ap.parse_args(argv)
-    import torch
-
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "train":
-        from dataclasses import replace
-
-        from .train import PRESETS, train
-
         overrides = {k: v for k, v in (("seed", args.seed), ("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
                                        ("decoder_steps", args.decoder_steps), ("dataset", args.dataset)) if v is not None}
         folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
         print(f"wrote {folder}")
         return 0
-    from .check import check
-
     check(args.model, args.out, samples=args.samples)
     return 0
 

@@ -2,15 +2,18 @@
 crops of scikit-image's bundled public-domain / CC0 photos.
 
 Every batch is a pure function of (seed, step), so training can stop and resume anywhere and reproduce the
-same data. The held-out subjects (chelsea the cat, the coffee cup) never appear in training: their crops
-are the "photos of a subject" that personalization tests and demos protect. No LFW faces (their photos carry
+same data. The built-in subjects (ldu.subjects: chelsea the cat, the coffee cup and three drawn ones) never appear in
+training: their views are the "photos of a subject" that personalization tests and demos protect. No LFW faces (their photos carry
 no licence to redistribute derived weights).
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -49,15 +52,17 @@ CHECK_CLASSES = (
     "a green triangle on a black background", "a white circle on a purple background",
 )
 
+# The built-in subjects' class nouns (ldu.pocket.subjects) are words of the vocabulary that no caption uses.
+SUBJECT_NOUNS = ("robot", "frog", "kite", "cat", "cup")
 WORDS = sorted({w for c in list(PHOTOS.values()) + list(HELD_OUT.values()) for w in c.split()}
                | set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(COUNTS.values())
-               | {"on", "background", "small", "large", "sks", "photo", "of", "a"})
+               | {"on", "background", "small", "large", "sks", "photo", "of", "a"} | set(SUBJECT_NOUNS))
 
 
 @functools.lru_cache(maxsize=None)
 def photo(name: str) -> np.ndarray:
     """An RGB uint8 array of a bundled scikit-image photo (grey and binary ones replicated to RGB)."""
-    import skimage.data
+    import skimage.data  # deferred: scikit-image is slow to import and only photo() reads it
 
     a = getattr(skimage.data, name)()
     if a.dtype == bool:
@@ -110,15 +115,90 @@ def scene(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, str]:
     return np.asarray(img), f"{COUNTS[count]} {size_word}{fg} {noun} on a {bg} background"
 
 
-def batch(seed: int, step: int, n: int, size: int = SIZE, photo_fraction: float = PHOTO_FRACTION) -> tuple[np.ndarray, list[str]]:
-    """n training images [n,size,size,3] uint8 and captions: a pure function of (seed, step)."""
+def colour_field(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """Saturated colour without structure, for the VAE: a flat colour, a linear gradient in each channel (any
+    direction, any slope up to the full range), or a few soft blobs of pure colour on a flat one."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    kind = rng.integers(3)
+    if kind == 0:
+        out = np.broadcast_to(rng.choice([0, 255, rng.uniform(0, 255)], size=3).astype(np.float32), (size, size, 3))
+    elif kind == 1:
+        out = np.stack([rng.uniform(-255, 255) * xx + rng.uniform(-255, 255) * yy + rng.uniform(0, 255) for _ in range(3)], -1)
+    else:
+        out = np.broadcast_to(rng.uniform(0, 255, 3).astype(np.float32), (size, size, 3)).copy()
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.4)
+            w = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+            out = out * (1 - w) + rng.choice([0, 255], size=3) * w
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """Random colour texture, for the VAE: coloured noise summed over scales with a random spectral slope (from fine
+    grain to soft clouds), a sinusoidal grating in two colours, or random cells of colour. A generic autoencoder
+    must keep any local detail, and the few bundled photos (half of them grey) show too little of it."""
+    kind = rng.integers(3)
+    if kind == 0:
+        slope = rng.uniform(0.0, 2.0)
+        out = np.zeros((size, size, 3), np.float32)
+        side = 2
+        while side <= size:
+            layer = rng.normal(0, 1, (side, side, 3)).astype(np.float32)
+            up = np.asarray(Image.fromarray(((layer * 40) + 128).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                            np.float32) - 128
+            out += up * (side / size) ** (slope / 2)
+            side *= 2
+        out = (out - out.mean((0, 1))) / (out.std((0, 1)) + 1e-6) * rng.uniform(20, 70, 3) + rng.uniform(40, 215, 3)
+    elif kind == 1:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(2.5, size / 2)
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period + rng.uniform(0, 2 * np.pi))
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        out = a * wave[..., None] + b * (1 - wave[..., None]) + rng.normal(0, rng.uniform(0, 12), (size, size, 3))
+    else:
+        n = int(rng.integers(4, 40))
+        points, colours = rng.uniform(0, size, (n, 2)), rng.uniform(0, 255, (n, 3))
+        yy, xx = np.mgrid[0:size, 0:size]
+        nearest = np.argmin((yy[..., None] - points[:, 0]) ** 2 + (xx[..., None] - points[:, 1]) ** 2, axis=-1)
+        out = colours[nearest] + rng.normal(0, rng.uniform(0, 10), (size, size, 3))
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def recolour(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """A photo in other colours, for the VAE: channels permuted and mixed, or (a grey photo) tinted between two
+    random colours. The same structures, in colours the bundled photos lack."""
+    a = img.astype(np.float32)
+    if np.ptp(a.mean(2) - a[..., 0]) < 1 and np.ptp(a[..., 1] - a[..., 2]) < 1:  # grey: map luminance to two colours
+        t = a[..., :1] / 255
+        out = rng.uniform(0, 120, 3) * (1 - t) + rng.uniform(135, 255, 3) * t
+    else:
+        mix = np.eye(3)[rng.permutation(3)] * rng.uniform(0.6, 1.0) + rng.uniform(-0.2, 0.4, (3, 3)) * rng.uniform(0, 1)
+        out = a @ mix.T.astype(np.float32)
+        out = (out - out.min()) / max(1e-6, np.ptp(out)) * rng.uniform(180, 255) + rng.uniform(0, 40)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def batch(seed: int, step: int, n: int, size: int = SIZE, photo_fraction: float = PHOTO_FRACTION,
+          field_fraction: float = 0.0, texture_fraction: float = 0.0,
+          recolour_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """n training images [n,size,size,3] uint8 and captions: a pure function of (seed, step). For the VAE only
+    (their captions are empty or wrong): a `field_fraction` of colour fields, a `texture_fraction` of random
+    textures, and a `recolour_fraction` of the photos recoloured."""
     rng = np.random.default_rng([seed, step])
     images, captions = [], []
     names = list(PHOTOS)
     for _ in range(n):
-        if rng.random() < photo_fraction:
+        if field_fraction and rng.random() < field_fraction:
+            images.append(colour_field(rng, size))
+            captions.append("")
+        elif texture_fraction and rng.random() < texture_fraction:
+            images.append(texture(rng, size))
+            captions.append("")
+        elif rng.random() < photo_fraction:
             name = names[rng.integers(len(names))]
             images.append(crop(rng, photo(name), size))
+            if recolour_fraction and rng.random() < recolour_fraction:
+                images[-1] = recolour(rng, images[-1])
             captions.append(PHOTOS[name])
         else:
             img, cap = scene(rng, size)
@@ -128,24 +208,19 @@ def batch(seed: int, step: int, n: int, size: int = SIZE, photo_fraction: float 
 
 
 def _batch(args: tuple) -> tuple[np.ndarray, list[str]]:
-    seed, step, n, photo_fraction = args
-    return batch(seed, step, n, photo_fraction=photo_fraction)
+    seed, step, n, photo_fraction, extra = args
+    return batch(seed, step, n, photo_fraction=photo_fraction, **extra)
 
 
 def pool(seed: int, batches: int, n: int, photo_fraction: float = PHOTO_FRACTION,
-         workers: int | None = None) -> tuple[np.ndarray, list[str]]:
+         workers: int | None = None, **extra) -> tuple[np.ndarray, list[str]]:
     """batch(seed, i, n) for i < batches, concatenated: images [batches*n, SIZE, SIZE, 3] uint8 and captions, made
     in parallel processes. The same result for any number of workers (each batch is a pure function of (seed, i))."""
-    import os
-
-    jobs = [(seed, i, n, photo_fraction) for i in range(batches)]
+    jobs = [(seed, i, n, photo_fraction, extra) for i in range(batches)]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or batches < 4 * workers:
         parts = [_batch(j) for j in jobs]
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             parts = list(ex.map(_batch, jobs, chunksize=max(1, batches // (8 * workers))))
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
@@ -166,11 +241,3 @@ def class_examples(caption: str, n: int, seed: int = 12345, size: int = SIZE) ->
         draw_shape(ImageDraw.Draw(img), shape, COLOURS[fg], r, rng.uniform(r, size - r), rng.uniform(r, size - r))
         out.append(np.asarray(img))
     return np.stack(out)
-
-
-def subject_views(name: str, n: int, seed: int, size: int = SIZE, min_scale: float = 0.6) -> np.ndarray:
-    """n augmented views of a held-out subject (training never sees them)."""
-    if name not in HELD_OUT:
-        raise ValueError(f"{name!r} is not a held-out subject ({', '.join(HELD_OUT)})")
-    rng = np.random.default_rng([seed, 777])
-    return np.stack([crop(rng, photo(name), size, min_scale=min_scale) for _ in range(n)])

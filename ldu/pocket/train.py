@@ -28,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..tiny import build_vocab, strip_absent_components
 from . import data
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -38,24 +42,32 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
 @dataclass
 class Config:
     seed: int = 0
-    vae_steps: int = 3000
+    vae_steps: int = 5000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_crop: int = 32  # side of the random training crops (64: whole images)
     vae_pool: int = 0  # 0: a fresh data.batch every step; N: N images made once, in parallel, and sampled
     vae_photo_fraction: float = data.PHOTO_FRACTION
+    vae_field_fraction: float = 0.15  # share of saturated colour fields (data.colour_field) in the VAE's batches
+    vae_texture_fraction: float = 0.3  # share of random colour textures (data.texture)
+    vae_recolour_fraction: float = 0.5  # share of the VAE's photos recoloured (data.recolour)
+    latent_channels: int = 16  # 4 cannot keep a cat's eyes at 64 px (a linear 4x4-patch PCA with 8 already beats it)
+    vae_groups: int = 4  # GroupNorm groups of the VAE (2 channels per group erase flat colours)
+    vae_logvar_init: float | None = -8.0  # start the posterior narrow (log-variance): a wide one hides the signal
     kl_weight: float = 1e-4
     dataset: int = 40000
-    unet_steps: int = 8000
+    unet_steps: int = 6500
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 300
     drop_caption: float = 0.1
     ema: float = 0.999
-    decoder_steps: int = 2000
+    decoder_steps: int = 600
     decoder_lr: float = 2e-4
     decoder_photo_fraction: float = 0.8
     decoder_pool: int = 0
+    decoder_batch: int = 16  # 0: vae_batch
+    decoder_crop: int = 64  # 0: vae_crop; 64: whole images, so GroupNorm sees whole-image statistics at the end
     checkpoint_every: int = 500
     vae_channels: tuple = (32, 64, 64)
     unet_channels: tuple = (32, 64, 64)
@@ -64,44 +76,37 @@ class Config:
 
 
 PRESETS = {
-    # 2 CPU cores, about 2 h (VAE 30 min, encoding 5.5 min, UNet 68 min, decoder 17 min). It made the weights shipped
-    # before the GPU run (held-out VAE PSNR 23.6 dB, caption following 62.5 % at guidance 7.5), before the EMA had
-    # its warm-up: not re-run since.
+    # 2 CPU cores, in resumable stages (times measured: docs/RESULTS.md, "The pocket backbone").
     "cpu": Config(),
-    # The shipped weights: 5.2 minutes on one H200 (VAE 66 s, data and encoding 21 s, UNet 189 s, decoder 36 s).
-    # A step of these small models costs about the same at any batch size on a GPU, so batches are far larger;
-    # the VAE sees whole 64 px images with more photos; the text encoder has 4 layers of width 128.
-    "gpu": Config(vae_steps=1250, vae_batch=256, vae_crop=64, vae_pool=64000, vae_photo_fraction=0.6, dataset=100000,
-                  unet_steps=2250, unet_batch=1024, unet_lr=1.5e-3, warmup=300, ema=0.999, decoder_steps=750,
-                  decoder_pool=24000, text_hidden=128, text_layers=4),
+    # The same model with the batches a GPU affords (a step of these small models costs about the same at any batch
+    # size there: launch-bound), whole-image VAE batches, a wider text encoder, image pools made by parallel processes.
+    "gpu": Config(vae_steps=2500, vae_batch=256, vae_crop=64, vae_pool=64000, dataset=100000, unet_steps=2250,
+                  unet_batch=1024, unet_lr=1.5e-3, decoder_steps=750, decoder_batch=256, decoder_pool=24000,
+                  text_hidden=128, text_layers=4),
 }
 
 
 # ---- models --------------------------------------------------------------------------------------------
 def build_tokenizer():
-    from transformers import CLIPTokenizer
-
-    from ..tiny import build_vocab
-
     vocab, merges = build_vocab(data.WORDS)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="<|endoftext|>"), vocab, merges
 
 
 def build_models(cfg: Config, tokenizer):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=tuple(cfg.vae_channels),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=data.SIZE,
+                        layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=cfg.vae_groups, sample_size=data.SIZE,
                         mid_block_add_attention=False)
+    if cfg.vae_logvar_init is not None:  # quant_conv's second half is the log-variance
+        with torch.no_grad():
+            vae.quant_conv.bias[cfg.latent_channels :] = cfg.vae_logvar_init
     ids = tokenizer.get_vocab()
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(ids), hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
                                         num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
                                         bos_token_id=ids["<|startoftext|>"], eos_token_id=ids["<|endoftext|>"],
                                         pad_token_id=ids["<|endoftext|>"]))
-    unet = UNet2DConditionModel(sample_size=data.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+    unet = UNet2DConditionModel(sample_size=data.SIZE // 4, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels, layers_per_block=1,
                                 block_out_channels=tuple(cfg.unet_channels),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -117,12 +122,12 @@ def to_tensor(images) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def image_source(seed: int, pool: int, batch: int, photo_fraction: float, device):
+def image_source(seed: int, pool: int, batch: int, photo_fraction: float, device, **extra):
     """(step, rng) -> uint8 images [batch,H,W,3] on device: data.batch(seed, step) when pool is 0, else a random
-    draw (from rng) out of `pool` images made once."""
+    draw (from rng) out of `pool` images made once. `extra`: data.batch's VAE-only fractions."""
     if not pool:
-        return lambda step, rng: torch.from_numpy(data.batch(seed, step, batch, photo_fraction=photo_fraction)[0]).to(device)
-    images = torch.from_numpy(data.pool(seed, math.ceil(pool / 64), 64, photo_fraction)[0][:pool]).to(device)
+        return lambda step, rng: torch.from_numpy(data.batch(seed, step, batch, photo_fraction=photo_fraction, **extra)[0]).to(device)
+    images = torch.from_numpy(data.pool(seed, math.ceil(pool / 64), 64, photo_fraction, **extra)[0][:pool]).to(device)
     return lambda step, rng: images[torch.from_numpy(rng.integers(0, pool, batch)).to(device)]
 
 
@@ -188,10 +193,11 @@ def train_autoencoder(vae, stage: str, modules: dict, steps: int, lr: float, pho
         return
     for m in modules.values():
         m.train()
-    source = image_source(cfg.seed + key, pool, cfg.vae_batch, photo_fraction, device)
+    batch, c = (cfg.vae_batch, cfg.vae_crop) if stage == "vae" else (cfg.decoder_batch or cfg.vae_batch, cfg.decoder_crop or cfg.vae_crop)
+    source = image_source(cfg.seed + key, pool, batch, photo_fraction, device, field_fraction=cfg.vae_field_fraction,
+                          texture_fraction=cfg.vae_texture_fraction, recolour_fraction=cfg.vae_recolour_fraction)
     bar = progress(total=steps, initial=start, desc={"vae": "VAE", "decoder": "VAE decoder"}[stage])
     t0 = time.time()
-    c = cfg.vae_crop
     for step in range(start, steps):
         rng = np.random.default_rng([cfg.seed, key, step])
         images = source(step, rng)
@@ -259,8 +265,6 @@ def encode_dataset(vae, cfg: Config, out: Path, progress, device) -> dict:
 
 
 def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out: Path, ckpt: Checkpoints, progress, device) -> None:
-    from diffusers import DDIMScheduler
-
     alphas = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -325,11 +329,6 @@ def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out
 def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
     """Run (or resume) every stage and write the pipeline folder to out/pipeline; returns that path. device: where
     to train (default: CUDA when present, else the CPU)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from tqdm.auto import tqdm
-
-    from ..tiny import strip_absent_components
-
     progress = progress or tqdm
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
