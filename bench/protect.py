@@ -3,9 +3,10 @@
     python bench/protect.py                                   # tiny on this machine's device
     python bench/protect.py --random-weights sd15 --dtype bf16 --compile   # full-size SD architecture on a GPU
 
-overhead = wall time / (UNet calls x one measured UNet forward+backward at the batch size): 1.0 would mean
-the method costs nothing but its UNet calls (the loss call runs m draws in one batch, so it can exceed 1
-even with no overhead at all). Compile / capture time is the first (warm-up) run minus a timed run.
+outside % = the share of wall time spent outside the UNet, VAE and text-encoder calls, forward and backward (each
+call timed at its boundaries: Backbone.start_timing); calls/step = UNet and VAE calls per optimisation step.
+overhead = wall time / (UNet calls x one measured UNet forward+backward at the batch size). Compile / capture time is
+the first (warm-up) run minus a timed run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=None, help="override each method's iterations")
     ap.add_argument("--draws", type=int, default=None, help="override m (default: the method's default)")
     ap.add_argument("--no-checkpoint", action="store_true", help="keep UNet activations (more memory, less time)")
+    ap.add_argument("--batch-photos", action="store_true", help="protect the photos in one computation (protect(batch_photos=True))")
     args = ap.parse_args()
     bb = backbone_from_args(args)
     if args.compile:  # the VAE too: protection differentiates through it every step
@@ -49,24 +51,32 @@ def main() -> None:
         first = time.perf_counter() - t0
         reset_peak(args.device)
         t0 = time.perf_counter()
-        result = protect(x, bb, method=name, params=params)
+        result = protect(x, bb, method=name, params=params, batch_photos=args.batch_photos)
         sync(args.device)
         wall = time.perf_counter() - t0
+        bb.start_timing()  # a third run, timed at every network boundary (it synchronises: not for the wall time)
+        t0 = time.perf_counter()
+        protect(x, bb, method=name, params=params, batch_photos=args.batch_photos)
+        sync(args.device)
+        timed_wall, inside = time.perf_counter() - t0, bb.stop_timing()
         s = result.stats["batch"]
+        steps = max(1, m.steps(params)) * (1 if args.batch_photos or not m.per_image else args.images)
         rows.append({
             "method": name,
-            "iters": getattr(params, "iterations", ""),
+            "steps": m.steps(params),
             "s/image": f"{wall / args.images:.2f}",
             "unet calls": s["unet_calls"],
             "vae enc/dec": f"{s['vae_encode_calls']}/{s['vae_decode_calls']}",
-            "s/unet call": f"{wall / max(1, s['unet_calls']):.4f}",
+            "calls/step": f"{s['unet_calls'] / steps:.1f}+{(s['vae_encode_calls'] + s['vae_decode_calls']) / steps:.1f}",
+            "outside %": f"{100 * max(0.0, 1 - sum(inside.values()) / timed_wall):.0f}",
             "overhead": f"{wall / max(1, s['unet_calls']) / t_unet:.2f}",
             "peak GiB": peak_gib(args.device),
             "compile s": f"{max(0.0, first - wall):.1f}" if args.compile else "-",
         })
-    print(f"backbone {bb.spec} ({bb.resolution}px, {str(bb.dtype).replace('torch.', '')}, {args.device}), batch {args.images}; "
-          f"one UNet fwd+bwd at batch {args.images}: {t_unet * 1000:.1f} ms")
-    print_table(rows, ["method", "iters", "s/image", "unet calls", "vae enc/dec", "s/unet call", "overhead", "peak GiB", "compile s"])
+    print(f"backbone {bb.spec} ({bb.resolution}px, {str(bb.dtype).replace('torch.', '')}, {args.device}), {args.images} photo(s)"
+          f"{' together' if args.batch_photos else ''}; one UNet fwd+bwd at batch {args.images}: {t_unet * 1000:.1f} ms")
+    print_table(rows, ["method", "steps", "s/image", "unet calls", "vae enc/dec", "calls/step", "outside %", "overhead",
+                       "peak GiB", "compile s"])
 
 
 if __name__ == "__main__":
