@@ -8,10 +8,12 @@ and a closed tab all stop the work at its next step; each session's files are re
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -19,7 +21,6 @@ from gradio.utils import get_upload_folder
 
 from attacks import attacks, purifications
 from eval import playground as pg
-from eval.config import quick
 from ldu.backbone import BUILTIN, BackboneError, load_backbone
 from ldu.methods import get_method
 from ldu.subjects import SUBJECTS
@@ -57,16 +58,29 @@ _BACKBONES: dict = {}
 _MODEL_LOCK = threading.Lock()
 
 
+_SERVER_LOCK = None  # this server's lock on its folder, held for its lifetime
+
+
 def start_sessions() -> pg.Sessions:
-    """This server's sessions under <gradio's upload folder>/ldu-sessions/server-<pid>; folders of servers that are
-    no longer running (one that died) are removed first, and a sweeper removes ended and idle sessions."""
-    global SESSIONS
+    """This server's sessions under <gradio's upload folder>/ldu-sessions/server-<random>, which it holds locked;
+    folders nobody holds (a server that died) are removed first, and a sweeper removes ended and idle sessions."""
+    global SESSIONS, _SERVER_LOCK
     if SESSIONS is None:
         base = Path(get_upload_folder()) / "ldu-sessions"
+        base.mkdir(parents=True, exist_ok=True)
         for old in base.glob("server-*"):
-            if not _alive(old.name.removeprefix("server-")):
-                shutil.rmtree(old, ignore_errors=True)
-        SESSIONS = pg.Sessions(base / f"server-{os.getpid()}", idle_seconds=IDLE_SECONDS)
+            with open(old / ".lock", "a") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live server holds it
+            shutil.rmtree(old, ignore_errors=True)
+        root = base / f"server-{uuid.uuid4().hex[:12]}"
+        root.mkdir()
+        _SERVER_LOCK = open(root / ".lock", "a")
+        fcntl.flock(_SERVER_LOCK, fcntl.LOCK_EX)
+        keep = {pg.file_sha(p) for info in pg.example_subjects().values() for p in info["train_paths"] + info["held_out_paths"]}
+        SESSIONS = pg.Sessions(root, idle_seconds=IDLE_SECONDS, keep=keep)
 
         def sweeper():
             while True:
@@ -77,22 +91,16 @@ def start_sessions() -> pg.Sessions:
     return SESSIONS
 
 
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _key(request: gr.Request) -> str:
     return request.session_hash or "anonymous"
 
 
 def end_session(request: gr.Request) -> None:
     SESSIONS.end(_key(request))
+
+
+def keep_alive(request: gr.Request) -> None:
+    SESSIONS.touch(_key(request))
 
 
 def stop(request: gr.Request) -> str:
@@ -200,8 +208,8 @@ def run_protect(files, model, method, effort, budget, seed, advanced, noun, requ
         params = pg.method_params(method, bb.kind, effort, budget, seed, advanced, noun=pg.clean_noun(noun))
     except ValueError as err:
         _fail(str(err))
-    clear = (None, None, None, None, None)
-    yield ("⏳ Protecting…", *clear, None, "")
+    clear = (None, None, None, None, None)  # slider, difference, table, downloads, the protected set
+    yield ("⏳ Protecting…", *clear, "")
     out = SESSIONS.folder(_key(request), "protect")
     job = _run(request, progress, method, pg.protect_photos, paths, bb, method, params, out, kind="protect")
     while True:
@@ -212,12 +220,12 @@ def run_protect(files, model, method, effort, budget, seed, advanced, noun, requ
             break
         yield (status, *(gr.update(),) * 6)
     if result.status == "stopped":
-        yield ("⏹️ Stopped. Nothing was kept from this run.", *clear, None, "")
+        yield ("⏹️ Stopped. Nothing was kept from this run.", *clear, "")
         return
     if not result.ok:
         _fail(result.message)
     o = result.outputs
-    state = {"paths": o["protected"], "fingerprint": pg.fingerprint(paths, bb, method, params), "method": method}
+    state = {"paths": o["protected"], "clean": paths, "fingerprint": pg.fingerprint(paths, bb, method, params), "method": method}
     unavailable = "; ".join(f"{k}: {v.removeprefix('unavailable: ')}" for k, v in o["unavailable"].items())
     yield (f"{banner(model)}\n\n✅ {result.message}", o["slider"], o["difference"], o["rows"],
            o["protected"] + o["manifests"], state, f"<small>Not measured here: {unavailable}</small>" if unavailable else "")
@@ -230,7 +238,9 @@ def run_survives_posting(files, state, model, noun, request: gr.Request, progres
     bb = backbone(model)
     prompt = f"a photo of sks {pg.clean_noun(noun)}"
     result = None
-    job = _run(request, progress, "posting", pg.survives_posting, _paths(files), state["paths"], bb, prompt, kind="protect")
+    if not pg.still_there(state):
+        _fail(pg.EXPIRED)
+    job = _run(request, progress, "posting", pg.survives_posting, state["clean"], state["paths"], bb, prompt, kind="protect")
     while True:
         try:
             yield next(job)
@@ -253,6 +263,8 @@ def run_attack(files, held_files, model, noun, state, method, effort, budget, se
     SESSIONS.note_uploads(_key(request), paths + _paths(held_files))
     if not state:
         _fail("Protect some photos in the Protect tab first: the attack compares the clean and the protected photos.")
+    if not pg.still_there(state) or not all(Path(p).exists() for p in paths):
+        _fail(pg.EXPIRED)
     bb = backbone(model)
     try:
         params = pg.method_params(method, bb.kind, effort, budget, seed, advanced, noun=pg.clean_noun(noun))
@@ -267,7 +279,7 @@ def run_attack(files, held_files, model, noun, state, method, effort, budget, se
     yield ("⏳ Attacking…", *empty)
     out = SESSIONS.folder(_key(request), "attack")
     job = _run(request, progress, attack, pg.attack_both, bb, setup, state["paths"], purification, out, kind="attack",
-               seeds=int(seeds or 1))
+               seeds=seeds)
     while True:
         try:
             status = next(job)
@@ -320,25 +332,9 @@ def run_batch(files, held_files, noun, model, chosen_methods, chosen_purificatio
         _fail("Pick at least one protection method.")
     backbone(model)
     try:
-        if image_set == "my uploads":
-            paths = _paths(files)
-            if not paths:
-                _fail("Upload photos in the Protect tab first, or pick a built-in subject.")
-            folder = SESSIONS.folder(_key(request), "batch-inputs")
-            for p in paths:
-                shutil.copy(p, folder / Path(p).name)
-            spec = {"folder": str(folder), "noun": pg.clean_noun(noun)}
-            if _paths(held_files):
-                held = SESSIONS.folder(_key(request), "batch-held-out")
-                for p in _paths(held_files):
-                    shutil.copy(p, held / Path(p).name)
-                spec["held_out_folder"] = str(held)
-            set_noun = spec["noun"]
-        else:
-            spec = {"subject": image_set, "train": 4, "held_out": 8}
-            set_noun = SUBJECTS[image_set].noun
-        cfg = quick(spec, model, chosen_methods, chosen_purifications, attack, steps, seeds, set_noun,
-                    match_psnr=match or None)
+        folder = SESSIONS.folder(_key(request), "batch-inputs") if image_set == pg.MY_UPLOADS else None
+        cfg = pg.batch_config(model, chosen_methods, chosen_purifications, attack, steps, image_set, seeds, match,
+                              _paths(files), _paths(held_files), noun, folder)
     except ValueError as err:  # ConfigError included
         _fail(str(err).replace("\n", "; "))
     out = SESSIONS.folder(_key(request), "batch")
@@ -476,7 +472,7 @@ def build() -> gr.Blocks:
             stop_protect.click(stop, None, summary, queue=False, api_name="stop")
             posting.click(run_survives_posting, [files, protected_state, model, noun], posting_out, api_name="survives_posting",
                           concurrency_id="gpu", concurrency_limit=1)
-        with gr.Tab("Attack & compare"):
+        with gr.Tab("Attack"):
             gr.Markdown("The same attack, with the same seed, on the clean and on the protected photos of the Protect tab; "
                         "then what each learned, measured on held-out photos of the subject.")
             with gr.Row():
@@ -485,7 +481,7 @@ def build() -> gr.Blocks:
                                   elem_id="attack-steps")
                 purification = gr.Dropdown(["none", *purifications.listed()], value="none", label="Purify the protected photos first")
                 attack_seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                n_gen = gr.Slider(1, 8, value=4, step=1, label="Generations")
+                n_gen = gr.Slider(2, 8, value=4, step=1, label="Generations")
                 attack_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds (more: a spread, and more time)")
             attack_eta = gr.Markdown(elem_id="attack-estimate")
             with gr.Row():
@@ -513,7 +509,7 @@ def build() -> gr.Blocks:
             for trigger in (attack.change, steps.change, n_gen.change, attack_seeds.change, model.change):
                 trigger(attack_estimate, [model, attack, steps, n_gen, attack_seeds], attack_eta, concurrency_id="estimate",
                         concurrency_limit=1, show_progress="hidden", **PRIVATE)
-        with gr.Tab("Batch evaluation"):
+        with gr.Tab("Batch"):
             gr.Markdown("The grid runner of `python -m eval run`: methods × purifications × one attack on an image set, "
                         "over seeds, with a downloadable report.")
             with gr.Row():
@@ -522,9 +518,9 @@ def build() -> gr.Blocks:
             with gr.Row():
                 b_attack = gr.Dropdown(attack_names, value="lora_dreambooth", label="Attack")
                 b_steps = gr.Slider(1, 1000, value=default_steps, step=1, label=f"Attack steps (default {default_steps})")
-                b_set = gr.Radio([*SUBJECTS, "my uploads"], value=next(iter(SUBJECTS)), label="Image set")
+                b_set = gr.Radio([*SUBJECTS, pg.MY_UPLOADS], value=next(iter(SUBJECTS)), label="Image set")
                 b_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds")
-                b_match = gr.Number(None, label="Match PSNR (dB, optional)", minimum=20, maximum=50)
+                b_match = gr.Number(None, label="Match PSNR (dB, optional)", minimum=pg.MATCH_PSNR[0], maximum=pg.MATCH_PSNR[1])
             b_eta = gr.Markdown()
             with gr.Row():
                 b_go = gr.Button("Run the grid", variant="primary", elem_id="batch")
@@ -546,6 +542,8 @@ def build() -> gr.Blocks:
             stop_batch.click(stop, None, b_status, queue=False, api_visibility="undocumented")
         with gr.Tab("About"):
             gr.Markdown(about_text())
+        keepalive = gr.Timer(60)  # an open tab is not an idle session
+        keepalive.tick(keep_alive, None, None, queue=False, **PRIVATE)
         demo.unload(end_session)
     return demo
 

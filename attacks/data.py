@@ -80,7 +80,7 @@ class DreamBoothBatches:
         self.inst = Posteriors.of(backbone, views, flip=p.flip)
         self.inst_order = Shuffler(self.inst.n, generator)
         self.cls = self.cls_order = None
-        if getattr(p, "prior_preservation", False):
+        if p.prior_preservation:
             images = class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed, cache_dir=p.class_dir,
                                   callback=callback)
             self.cls = Posteriors.of(backbone, images, flip=p.flip)

@@ -34,6 +34,9 @@ from . import experiment
 from .grid import match_psnr
 
 
+MIN_PAIRS = 6  # a difference is real only when all of at least this many paired differences share its sign
+
+
 def spread(values: list) -> dict:
     """Mean and standard deviation of the finite numbers among `values` (a share that could not be measured is a
     text or NaN: it is kept in "values" and left out of the mean, and "n" says how many counted)."""
@@ -97,13 +100,13 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
-        pictures: Path | None = None, log=print) -> dict:
+        pictures: Path | None = None, log=print, n_gen: int = 8) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed."""
     report: dict = {"personalization": [], "protection": []}
     matched: dict = {}
     for name in subjects:
         for seed in seeds:
-            setup = subject_setup(backbone, name, seed, attack, attack_params, everyone=all_held_out(backbone, seed))
+            setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed))
             t0 = time.perf_counter()
             # the base and clean sides once per subject and seed, paired with every method's protected side
             base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train)
@@ -114,17 +117,18 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
             if pictures is not None and seed == seeds[0]:
                 pictures.mkdir(parents=True, exist_ok=True)
                 to_pil(picture(setup, base, clean)).save(pictures / f"{name}.png")
-            for method in methods:
-                if method == "none":
+            for label in methods:
+                if label == "none":
                     continue
+                method = label.split("+")[0]  # "ldu+fresh": a variant of ldu with its own --method-set parameters
                 for budget in budgets or [None]:
                     params = {"prompt": setup.attack_params.get("instance_prompt") or f"a photo of sks {setup.noun}",
-                              "seed": seed, **(method_params or {}).get(method, {})}
+                              "seed": seed, **(method_params or {}).get(label, {})}
                     field = get_method(method).budget_field
                     if budget is not None:
                         params[field] = budget
                     elif target_psnr is not None:
-                        k = (name, method)
+                        k = (name, label)
                         if k not in matched:
                             first = subject_setup(backbone, name, seeds[0], attack, attack_params)
                             matched[k] = match_psnr(backbone, method, {**params, "seed": seeds[0]}, first.train, target_psnr)
@@ -136,14 +140,14 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                     prot = experiment.attack_side(backbone, setup, result.images)
                     r = experiment.compare(base.measures, clean.measures, prot.measures)
                     stats = result.stats["images"]
-                    row = {"subject": name, "seed": seed, "method": method, "budget_field": field, "budget": params.get(field),
+                    row = {"subject": name, "seed": seed, "method": label, "budget_field": field, "budget": params.get(field),
                            "psnr": statistics.fmean(s["psnr"] for s in stats), "rms_255": statistics.fmean(s["rms_255"] for s in stats),
                            "linf_255": max(s["linf_255"] for s in stats), "seconds_protect": seconds, **r,
                            "post_attack_loss_clean_attack": clean.measures["post_attack_loss"],
                            "post_attack_loss_protected_attack": prot.measures["post_attack_loss"],
                            "attacker_loss_gain": statistics.fmean(s["attacker_loss_protected"] - s["attacker_loss_clean"] for s in stats)}
                     report["protection"].append(row)
-                    log(f"  {method}{'' if budget is None else f' @{budget * 255:.1f}/255'}: PSNR {row['psnr']:.2f}, prevented "
+                    log(f"  {label}{'' if budget is None else f' @{budget * 255:.1f}/255'}: PSNR {row['psnr']:.2f}, prevented "
                         f"loss {_show(r['prevented_loss'])} (noise {_show(r.get('prevented_loss_noise'))}), generation "
                         f"{_show(r['prevented_generation'])}, {seconds:.0f} s")
     report["matched_budgets"] = {f"{k[0]}/{k[1]}": v for k, v in matched.items()}
@@ -175,17 +179,24 @@ def summarize(report: dict) -> dict:
                   "rms_255", "seconds_protect", "loss_difference", "attacker_loss_gain"):
             entry[k] = spread([r.get(k) for r in rs])
         out["protection"][label] = entry
-    methods = sorted({r["method"] for r in rows})
+    labels = sorted({(r["method"], r["budget"] if report.get("sweep") else None) for r in rows}, key=str)
     agree = {}
-    for i, a in enumerate(methods):
-        for b in methods[i + 1 :]:
+    for i, (a, budget_a) in enumerate(labels):
+        for b, budget_b in labels[i + 1 :]:
+            if budget_a != budget_b:  # compared at the same budget (or the same matched PSNR) only
+                continue
             for k in ("prevented_loss", "prevented_generation"):
-                pa = {(r["subject"], r["seed"]): r[k] for r in rows if r["method"] == a and isinstance(r.get(k), float)}
-                pb = {(r["subject"], r["seed"]): r[k] for r in rows if r["method"] == b and isinstance(r.get(k), float)}
+                def shares(m):
+                    return {(r["subject"], r["seed"]): r[k] for r in rows
+                            if r["method"] == m and (budget_a is None or r["budget"] == budget_a) and isinstance(r.get(k), float)}
+                pa, pb = shares(a), shares(b)
                 diffs = [pa[x] - pb[x] for x in pa.keys() & pb.keys()]
                 if diffs:
-                    agree[f"{a} - {b} ({k})"] = {"mean": statistics.fmean(diffs), "positive": sum(d > 0 for d in diffs),
-                                                 "n": len(diffs), "real": all(d > 0 for d in diffs) or all(d < 0 for d in diffs)}
+                    name = f"{a} - {b}" + ("" if budget_a is None else f" @{budget_a * 255:.1f}/255")
+                    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+                    # real: every pair agrees, and there are enough pairs for that to be unlikely by chance (2/2^6 = 3 %)
+                    agree[f"{name} ({k})"] = {"mean": statistics.fmean(diffs), "positive": sum(d > 0 for d in diffs),
+                                              "n": len(diffs), "real": same_sign and len(diffs) >= MIN_PAIRS}
     out["paired_differences"] = agree
     return out
 
@@ -214,7 +225,8 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
                   file=file)
         for k, v in summary.get("paired_differences", {}).items():
             print(f"  {k}: mean {v['mean']:+.3f}, positive in {v['positive']}/{v['n']} "
-                  f"({'all agree' if v['real'] else 'within noise: signs differ'})", file=file)
+                  f"({'real: all agree' if v['real'] else 'all agree, but too few pairs' if v['positive'] in (0, v['n']) else 'within noise: signs differ'})",
+                  file=file)
 
 
 def sweep_plot(summary: dict, path: Path) -> None:
@@ -247,7 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="pocket")
     ap.add_argument("--subjects", default=",".join(SUBJECTS), help=f"comma-separated built-in subjects ({', '.join(SUBJECTS)})")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none' (personalization only)")
+    ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none' (personalization "
+                                                      "only); METHOD+NAME is a variant, set with --method-set METHOD+NAME.x=y")
     ap.add_argument("--attack", default="lora_dreambooth", help="lora_dreambooth, dreambooth or textual_inversion")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="an attack parameter (repeatable)")
     ap.add_argument("--method-set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="a method parameter")
@@ -262,12 +275,13 @@ def main(argv=None) -> int:
             get_subject(s)
         for m in methods:
             if m != "none":
-                get_method(m)
+                get_method(m.split("+")[0])
         attack_params = parse_overrides(args.set, get_attack(args.attack).params, flag="--set ")
         method_params: dict = {}
         for item in args.method_set:
-            method, _, rest = item.partition(".")
-            method_params.setdefault(method, {}).update(parse_overrides([rest], get_method(method).params, flag="--method-set "))
+            label, _, rest = item.partition(".")
+            method_params.setdefault(label, {}).update(parse_overrides([rest], get_method(label.split("+")[0]).params,
+                                                                       flag="--method-set "))
         budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
     except ValueError as err:
         ap.error(str(err))

@@ -1,5 +1,5 @@
 """The one paired experiment: what protecting a subject's photos does to a personalization attack, measured on views
-of the subject that the attack never saw. The app's Attack & compare, the grid runner and `python -m eval.efficacy`
+of the subject that the attack never saw. The app's Attack tab, the grid runner and `python -m eval.efficacy`
 all run it through these functions, so the same inputs give the same numbers everywhere.
 
     setup = Setup(train=views, held_out=held, noun="robot", seed=0, attack="lora_dreambooth")
@@ -21,7 +21,8 @@ generations' distance to the held-out views (does the subject leak into them?).
 
 `prevented = (m_protected - m_clean) / (m_base - m_clean)`: 0 when the protection changed nothing, 1 when the
 attacker learned nothing, negative when it helped the attacker; "unavailable: the attack learned too little to
-measure" when m_base - m_clean is below 3 times its own noise. Without held-out views every efficacy measure is
+measure" when m_base - m_clean is below 3 times its own noise. The share's noise is the delta method's on the pairs
+(the denominator's noise included). Without held-out views every efficacy measure is
 "unavailable: no held-out views" (the attacks still run and their generations are still shown).
 """
 
@@ -174,41 +175,48 @@ def attack_side(backbone, setup: Setup, images, out=None, purification: tuple[st
     return Side(m, gens, adapter.prompt, adapter, adapter.train_curve)
 
 
-def _share(base: float, clean: float, prot: float, noise_denominator: float) -> float | str:
-    denominator = base - clean
-    if denominator <= NOISE_FACTOR * noise_denominator or denominator <= 0:
-        return TOO_LITTLE
-    return (prot - clean) / denominator
+ONE_SAMPLE = "unavailable: one sample gives no noise estimate (use at least 2 generations)"
 
 
-def _sem(values: list[float]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+def _sem(values: list[float]) -> float | None:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def _shares(base: list[float], clean: list[float], prot: list[float], out: dict, name: str) -> None:
+    """out[f"prevented_{name}"] = mean(p - c) / mean(b - c) over paired samples (draw sets, or generation seeds), and
+    its noise by the delta method on the pairs: the standard error of e_k = (p_k - c_k) - share (b_k - c_k) over
+    mean(b - c), so the denominator's own noise and its correlation with the numerator (both hold c) count."""
+    learned = [x - y for x, y in zip(base, clean)]
+    gained = [x - y for x, y in zip(prot, clean)]
+    out[f"{name}_learned"], out[f"{name}_learned_noise"] = statistics.fmean(learned), _sem(learned)
+    out[f"{name}_difference"], out[f"{name}_difference_noise"] = statistics.fmean(gained), _sem(gained)
+    if len(learned) < 2:
+        out[f"prevented_{name}"] = ONE_SAMPLE
+        return
+    denominator = out[f"{name}_learned"]
+    if denominator <= 0 or denominator <= NOISE_FACTOR * out[f"{name}_learned_noise"]:
+        out[f"prevented_{name}"] = TOO_LITTLE
+        return
+    share = out[f"{name}_difference"] / denominator
+    out[f"prevented_{name}"] = share
+    out[f"prevented_{name}_noise"] = _sem([g - share * l for g, l in zip(gained, learned)]) / denominator
 
 
 def compare(b: dict, c: dict, p: dict) -> dict:
     """The share of learning prevented (loss and generation metric) from the measures of the base, clean-attack and
     protected-attack sides, with the noise of every difference:
     - loss: differences paired by draw set; noise = standard error over the LOSS_SETS sets;
-    - generation distance: differences paired by generation seed; noise = standard error over the generations."""
+    - generation distance: differences paired by generation seed; noise = standard error over the generations.
+    The share's noise is the delta method's (see _shares)."""
     if "post_attack_loss_sets" not in c:
         return {"prevented_loss": NO_HELD_OUT, "prevented_generation": NO_HELD_OUT}
     out: dict = {}
-    learned = [x - y for x, y in zip(b["post_attack_loss_sets"], c["post_attack_loss_sets"])]
-    gained = [x - y for x, y in zip(p["post_attack_loss_sets"], c["post_attack_loss_sets"])]
-    out["loss_learned"], out["loss_learned_noise"] = statistics.fmean(learned), _sem(learned)
-    out["loss_difference"], out["loss_difference_noise"] = statistics.fmean(gained), _sem(gained)
-    out["prevented_loss"] = _share(b["post_attack_loss"], c["post_attack_loss"], p["post_attack_loss"], out["loss_learned_noise"])
-    if isinstance(out["prevented_loss"], float):
-        out["prevented_loss_noise"] = out["loss_difference_noise"] / out["loss_learned"]
-    # generations: larger distance = less like the subject, so the roles are the loss's
-    learned = [x - y for x, y in zip(b["gen_distance"], c["gen_distance"])]
-    gained = [x - y for x, y in zip(p["gen_distance"], c["gen_distance"])]
-    out["gen_learned"], out["gen_learned_noise"] = statistics.fmean(learned), _sem(learned)
-    out["gen_difference"], out["gen_difference_noise"] = statistics.fmean(gained), _sem(gained)
-    out["prevented_generation"] = _share(b["gen_distance_mean"], c["gen_distance_mean"], p["gen_distance_mean"],
-                                         out["gen_learned_noise"])
-    if isinstance(out["prevented_generation"], float):
-        out["prevented_generation_noise"] = out["gen_difference_noise"] / out["gen_learned"]
+    _shares(b["post_attack_loss_sets"], c["post_attack_loss_sets"], p["post_attack_loss_sets"], out, "loss")
+    # generations: a larger distance is less like the subject, so the roles are the loss's
+    _shares(b["gen_distance"], c["gen_distance"], p["gen_distance"], out, "gen")
+    out["prevented_generation"] = out.pop("prevented_gen")
+    if "prevented_gen_noise" in out:
+        out["prevented_generation_noise"] = out.pop("prevented_gen_noise")
     if "train_views_distance" in b:
         closable = b["gen_distance_mean"] - b["train_views_distance"]
         out["gap_closed_clean"] = (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else None

@@ -36,9 +36,11 @@ from ldu.io import ImageLoadError, load_images, oriented_size, save_png
 from ldu.methods import get_method, methods
 from ldu.protect import MAX_BATCH, canvases_for, check_job_size, protect, squeezed_note, to_pil, working_size
 from ldu.registry import Cancelled, parse_overrides
+from ldu.subjects import get_subject
 
 from . import experiment
 from .compare import survives_posting as measure_posting
+from .config import quick as quick_config
 from .grid import run as run_grid
 from .metrics import MetricUnavailable, measure
 
@@ -147,6 +149,14 @@ def method_params(method: str, kind: str, effort=None, budget_255=None, seed=Non
     return m.make_params(kind, **overrides)
 
 
+def whole(value, name: str, low: int, high: int) -> int:
+    """A whole-number control's value, or a ValueError naming it (NaN, inf, fractions and out-of-range values)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value != int(value) \
+            or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(value)
+
+
 def advanced_overrides(text: str, params_cls) -> dict:
     text = text or ""
     if len(text) > MAX_ADVANCED_CHARS:
@@ -170,8 +180,17 @@ def clean_noun(noun: str | None) -> str:
 
 
 # ---- the built-in subjects ------------------------------------------------------------------------------------
-def _sha(path) -> str:
+def file_sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+EXPIRED = ("These photos are no longer on the server (a session's files are deleted after a few idle minutes): "
+           "upload and protect them again.")
+
+
+def still_there(state: dict | None) -> bool:
+    """Are a protected set's files (and the clean photos it was made from) still on disk?"""
+    return bool(state) and all(Path(p).exists() for p in state["paths"] + state.get("clean", []))
 
 
 def example_subjects() -> dict[str, dict]:
@@ -190,9 +209,9 @@ def builtin_subject(paths) -> dict | None:
     """The built-in subject whose training examples these uploads are (by content, not by file name), or None."""
     if not paths:
         return None
-    uploaded = {_sha(p) for p in paths}
+    uploaded = {file_sha(p) for p in paths}
     for info in example_subjects().values():
-        if uploaded <= {_sha(p) for p in info["train_paths"]}:
+        if uploaded <= {file_sha(p) for p in info["train_paths"]}:
             return info
     return None
 
@@ -220,7 +239,7 @@ def fingerprint(paths, backbone, method: str, params) -> str:
     parameters. The Attack tab refuses a set whose fingerprint no longer matches the current settings."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(_sha(p).encode())
+        h.update(file_sha(p).encode())
     h.update(json.dumps([backbone.spec, backbone.revision, method, dataclasses.asdict(params)], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
@@ -280,17 +299,12 @@ def survives_posting(paths, protected_paths, backbone, prompt: str, callback=Non
             f"its effect on the attacker's starting loss ({fmt(r['gain'])} → {fmt(r['gain_after_posting'])})."), r
 
 
-# ---- Attack & compare ---------------------------------------------------------------------------------------
+# ---- Attack ---------------------------------------------------------------------------------------
 def attack_setup(backbone, train_paths, held_out_paths, noun: str | None, attack: str, steps, seed, n_gen,
                  subject: dict | None = None) -> experiment.Setup:
     """The paired experiment the Attack tab runs: the uploads as training views; held-out views from the built-in
     subject (when the uploads are its examples) or from the user's own held-out photos; the subject's noun."""
-    if steps is None or not isinstance(steps, (int, float)) or not math.isfinite(steps) or not 1 <= steps <= 5000:
-        raise ValueError("Training steps must be 1 to 5000.")
-    if n_gen is None or not 1 <= int(n_gen) <= 8:
-        raise ValueError("Generations must be 1 to 8.")
-    if seed is None or not math.isfinite(seed) or seed < 0:
-        raise ValueError("Seed must be a whole number 0 or more.")
+    steps, n_gen, seed = whole(steps, "Training steps", 1, 5000), whole(n_gen, "Generations", 2, 8), whole(seed, "Seed", 0, 2**31)
     train = [im.pixels for im in load_uploads(train_paths)]
     held = None
     if subject is not None:
@@ -311,8 +325,7 @@ def attack_both(backbone, setup: experiment.Setup, protected_paths, purification
     and generations; the same photos); returns (verdict, outputs). The images shown are the first seed's."""
     if purification != "none" and purification not in purifications:
         raise ValueError(f"unknown purification {purification!r}")
-    if not 1 <= int(seeds) <= 5:
-        raise ValueError("Seeds must be 1 to 5.")
+    seeds = whole(seeds, "Seeds", 1, 5)
     protected = [im.pixels for im in load_uploads(protected_paths)]
     runs = []
     for k in range(int(seeds)):
@@ -454,6 +467,38 @@ def estimate_batch(backbone, chosen: list[str], chosen_purifications: list[str],
     return cells * per_cell + protects * (int(seeds) + (3 if match else 0))
 
 
+MY_UPLOADS = "my uploads"
+MATCH_PSNR = (20, 50)  # dB: the range the Batch tab's PSNR matching accepts
+
+
+def batch_config(model: str, chosen_methods, chosen_purifications, attack: str, steps, image_set: str, seeds, match,
+                 paths=(), held_paths=(), noun: str | None = None, folder: Path | None = None):
+    """The Batch tab's grid config: a built-in subject, or the uploads (copied into `folder`, with the held-out photos
+    in a subfolder; names made unique, so two uploads called image.png are both kept)."""
+    steps, seeds = whole(steps, "Attack steps", 1, 5000), whole(seeds, "Seeds", 1, 5)
+    if match is not None and not (isinstance(match, (int, float)) and MATCH_PSNR[0] <= match <= MATCH_PSNR[1]):
+        raise ValueError(f"Match PSNR: a PSNR in dB from {MATCH_PSNR[0]} to {MATCH_PSNR[1]}, or empty")
+    if image_set == MY_UPLOADS:
+        if not paths:
+            raise ValueError("Upload photos in the Protect tab first, or pick a built-in subject.")
+        set_noun = clean_noun(noun)
+        spec = {"folder": str(_copy_unique(paths, folder)), "noun": set_noun}
+        if held_paths:
+            spec["held_out_folder"] = str(_copy_unique(held_paths, folder / "held_out"))
+    else:
+        set_noun = get_subject(image_set).noun
+        spec = {"subject": image_set, "train": 4, "held_out": 8}
+    return quick_config(spec, model, chosen_methods, chosen_purifications, attack, steps, seeds, set_noun,
+                        match_psnr=match or None)
+
+
+def _copy_unique(paths, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(paths):
+        shutil.copy(p, folder / f"{i:02d}-{Path(p).name}")
+    return folder
+
+
 BATCH_HEADERS = ["method", "purification", "seeds", "PSNR", "learning prevented (loss)", "noise",
                  "learning prevented (generations)", "noise"]
 
@@ -467,7 +512,10 @@ def batch_grid(cfg, out: Path, callback=None):
     for r in rows:
         def share(k):
             v = r.get(f"{k}_mean")
-            return fmt(v) if not isinstance(v, float) else percent(v, r.get(f"{k}_std"))
+            if not isinstance(v, float):
+                return fmt(v)
+            n = r.get(f"{k}_n", 0)
+            return percent(v, r.get(f"{k}_std")) + (f" ({n} of {r['seeds']} seeds)" if n < r["seeds"] else "")
         table.append([r["method"], r["purification"], r["seeds"], fmt(r.get("psnr_mean"), "dB"), share("prevented_loss"),
                       fmt(r.get("prevented_loss_noise_mean")), share("prevented_generation"),
                       fmt(r.get("prevented_generation_noise_mean"))])
@@ -483,25 +531,32 @@ def listed_methods() -> list[str]:
 
 
 # ---- sessions and jobs -------------------------------------------------------------------------------------------
+STOP_PENDING_SECONDS = 60  # a Stop pressed while a job still waits in the queue stops it when it starts
+
+
 class Sessions:
     """Per-session folders, cancel flags and one-job-at-a-time, for a server that forgets its users.
 
     - Each session writes only into its own folder (a random name under `root`), which is removed when the session
-      ends (the browser tab's unload) or after `idle_seconds` without a request (REST clients never say goodbye),
-      never while one of its jobs runs. Uploaded files the session handed in are removed with it.
+      ends (the browser tab's unload) or after `idle_seconds` without a request or a keep-alive (REST clients never
+      say goodbye), never while one of its jobs runs. Uploads are shared by content (the web framework stores equal
+      files once): one is removed when the last session that handed it in is gone, and never when it is one of
+      `keep` (the example files every visitor uses).
     - `run(session, work, ...)` is a generator: the work runs in a worker thread under one lock (so the next job's
       work starts only once this one has really stopped, whatever the web framework does with its queue slot),
       the generator yields progress, and when it is closed early (a client's cancel, a closed tab) or `stop()` is
-      called, the work's cancel flag is set and it stops at its next progress report.
+      called, that job's own cancel flag is set and it stops at its next progress report.
     """
 
-    def __init__(self, root: Path, idle_seconds: float = 240.0):
+    def __init__(self, root: Path, idle_seconds: float = 240.0, keep=()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.idle_seconds = idle_seconds
+        self.keep = set(keep)  # content hashes of files that are never removed (the examples)
         self.lock = threading.Lock()  # the sessions table
         self.work_lock = threading.Lock()  # the compute: one job's work at a time
         self._sessions: dict[str, dict] = {}
+        self._owners: dict[str, set] = {}  # upload path -> the sessions that handed it in
 
     def _get(self, key: str) -> dict:
         with self.lock:
@@ -509,10 +564,16 @@ class Sessions:
             if s is None:
                 folder = self.root / uuid.uuid4().hex
                 folder.mkdir(parents=True)
-                s = self._sessions[key] = {"folder": folder, "cancel": threading.Event(), "running": 0, "seen": time.time(),
-                                           "uploads": set(), "jobs": 0}
+                s = self._sessions[key] = {"folder": folder, "jobs_live": set(), "running": 0, "seen": time.time(),
+                                           "uploads": set(), "jobs": 0, "stop_pending": 0.0}
             s["seen"] = time.time()
             return s
+
+    def touch(self, key: str) -> None:
+        """A keep-alive from an open tab: its session is not idle."""
+        with self.lock:
+            if key in self._sessions:
+                self._sessions[key]["seen"] = time.time()
 
     def folder(self, key: str, job: str) -> Path:
         """A new folder for one job's outputs inside the session's folder."""
@@ -526,25 +587,38 @@ class Sessions:
     def note_uploads(self, key: str, paths) -> None:
         s = self._get(key)
         with self.lock:
-            s["uploads"].update(str(p) for p in paths or [])
+            for p in paths or []:
+                s["uploads"].add(str(p))
+                self._owners.setdefault(str(p), set()).add(key)
 
     def stop(self, key: str) -> None:
-        self._get(key)["cancel"].set()
+        """Stop this session's running jobs; with none running yet (it waits in the queue), the next one that starts
+        within STOP_PENDING_SECONDS."""
+        s = self._get(key)
+        with self.lock:
+            for event in s["jobs_live"]:
+                event.set()
+            if not s["jobs_live"]:
+                s["stop_pending"] = time.time()
 
     def run(self, key: str, work, *args, kind: str = "protect", **kwargs):
         """Yield ("progress", info) while the work runs, then ("done", JobResult)."""
         s = self._get(key)
-        s["cancel"].clear()
+        cancel = threading.Event()  # this job's own: a later job never clears it
+        with self.lock:
+            if time.time() - s["stop_pending"] < STOP_PENDING_SECONDS:
+                cancel.set()
+            s["stop_pending"] = 0.0
+            s["jobs_live"].add(cancel)
+            s["running"] += 1
         updates: queue.Queue = queue.Queue()
         box: dict = {}
-        progress = Progress(lambda info: updates.put(info) or True, should_stop=s["cancel"].is_set)
+        progress = Progress(lambda info: updates.put(info) or True, should_stop=cancel.is_set)
 
         def worker():
             with self.work_lock:
                 box["result"] = run_job(work, *args, kind=kind, progress=progress, **kwargs)
 
-        with self.lock:
-            s["running"] += 1
         thread = threading.Thread(target=worker, daemon=True)
         thread.start()
         try:
@@ -557,35 +631,38 @@ class Sessions:
                     yield "progress", latest
             yield "done", box["result"]
         except GeneratorExit:  # closed early: a client's cancel, a closed tab
-            s["cancel"].set()
+            cancel.set()
             raise
         finally:
             if thread.is_alive():  # it stops at its next progress report; the session stays until it has
-                threading.Thread(target=self._release_after, args=(s, thread), daemon=True).start()
+                threading.Thread(target=self._release_after, args=(s, thread, cancel), daemon=True).start()
             else:
-                with self.lock:
-                    s["running"] -= 1
-                    s["seen"] = time.time()
+                self._release(s, cancel)
 
-    def _release_after(self, s: dict, thread) -> None:
-        thread.join()
+    def _release(self, s: dict, cancel) -> None:
         with self.lock:
+            s["jobs_live"].discard(cancel)
             s["running"] -= 1
             s["seen"] = time.time()
 
+    def _release_after(self, s: dict, thread, cancel) -> None:
+        thread.join()
+        self._release(s, cancel)
+
     def end(self, key: str) -> None:
-        """The session is over (tab closed): stop its job and remove its files (now, or once its job has stopped)."""
+        """The session is over (tab closed): stop its jobs and remove its files (now, or once its jobs have stopped)."""
         with self.lock:
             s = self._sessions.get(key)
-        if s is not None:
-            s["cancel"].set()
-            s["ended"] = True
+            if s is not None:
+                for event in s["jobs_live"]:
+                    event.set()
+                s["ended"] = True
         self.sweep()
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Remove every ended or idle session whose job is not running; returns their keys."""
+        """Remove every ended or idle session whose jobs are not running; returns their keys."""
         now = now or time.time()
-        gone = []
+        gone, orphans = [], []
         with self.lock:
             for key, s in list(self._sessions.items()):
                 if s["running"] == 0 and (s.get("ended") or now - s["seen"] > self.idle_seconds):
@@ -593,11 +670,22 @@ class Sessions:
                     self._sessions.pop(key)
                     shutil.rmtree(s["folder"], ignore_errors=True)
                     for upload in s["uploads"]:
-                        Path(upload).unlink(missing_ok=True)
-                        try:
-                            Path(upload).parent.rmdir()  # gradio keeps each upload in a folder of its own
-                        except OSError:
-                            pass
+                        owners = self._owners.get(upload, set())
+                        owners.discard(key)
+                        if not owners:
+                            self._owners.pop(upload, None)
+                            orphans.append(Path(upload))
+        for upload in orphans:  # nobody else handed it in: unless it is an example, it goes
+            try:
+                if file_sha(upload) in self.keep:
+                    continue
+            except OSError:
+                continue
+            upload.unlink(missing_ok=True)
+            try:
+                upload.parent.rmdir()  # gradio keeps each upload in a folder of its own
+            except OSError:
+                pass
         return gone
 
     def active(self) -> list[str]:

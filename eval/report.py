@@ -61,11 +61,13 @@ def summarize(records: list[dict]) -> list[dict]:
                                                  r["seed"]))) for r in ok]
             for k in SHARES:
                 values = [x[k] for x in results if isinstance(x.get(k), float)]
-                if values:
+                if values:  # the mean over the seeds that could be measured: n says how many, the std needs two
                     row[f"{k}_mean"] = statistics.fmean(values)
-                    row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                    row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else None
+                    row[f"{k}_n"] = len(values)
                 elif any(k in x for x in results):
                     row[f"{k}_mean"] = next(x[k] for x in results if k in x)
+                    row[f"{k}_n"] = 0
             matched = [r.get("protect_stats", {}).get("matched") for r in ok]
             if any(matched):
                 row["matched_budget"] = next(m for m in matched if m)
@@ -111,7 +113,7 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
         fig = Figure(figsize=(8, 4.2))
         ax = fig.subplots()
         for r in pts:
-            ax.errorbar(r["psnr_mean"], r["prevented_loss_mean"], xerr=r.get("psnr_std") or 0, yerr=r["prevented_loss_std"],
+            ax.errorbar(r["psnr_mean"], r["prevented_loss_mean"], xerr=r.get("psnr_std") or 0, yerr=r["prevented_loss_std"] or 0,
                         fmt="o", capsize=3, label=f"{r['method']} / {r['attack']}")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("PSNR of the protected photos (dB; higher = less visible)")
@@ -134,7 +136,7 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
                 if match:
                     xs.append(i + j * width)
                     ys.append(statistics.fmean(r["prevented_loss_mean"] for r in match))
-                    es.append(max(r["prevented_loss_std"] for r in match))
+                    es.append(max(r["prevented_loss_std"] or 0 for r in match))
             ax.bar(xs, ys, width=width, yerr=es, capsize=3, label=f"purified: {p}")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=20, fontsize=8)
         ax.axhline(0, color="grey", lw=0.8)
@@ -167,7 +169,8 @@ def _cell(v, std=None) -> str:
 
 def render_html(cfg: Config, rows: list[dict], records: list[dict], plots: list[str], out: Path) -> str:
     esc = html.escape
-    cols = [c for c in dict.fromkeys(c for row in rows for c in row) if not c.endswith("_std") and c != "matched_budget"]
+    cols = [c for c in dict.fromkeys(c for row in rows for c in row)
+            if not c.endswith(("_std", "_n")) and c != "matched_budget"]
     reasons = {f"{c}: {row[c]}" for row in rows for c in cols if isinstance(row.get(c), str) and row[c].startswith("unavailable")}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(cfg.name)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"

@@ -26,15 +26,17 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from .backbone import load_backbone
 from .budget import project
-from .io import load_images
+from .io import load_images, write_together
 from .losses import make_draws
 from .objective import Objective, ObjectiveOptions
 from .pocket import data
 from .registry import report
+from .views import center_square
 
 FILE = "generator.safetensors"
 RECORD = "generator.json"
@@ -87,9 +89,9 @@ def protect_batch(backbone, gen: ShiftGenerator, x: torch.Tensor, budget_rms: fl
 
 # ---- a trained generator on disk -----------------------------------------------------------------------------
 def save(gen: ShiftGenerator, folder: Path, record: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in gen.state_dict().items()}, str(folder / FILE))
-    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    """The weights and their record, written together or not at all (ldu.io.write_together)."""
+    weights = save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in gen.state_dict().items()})
+    write_together([(folder / FILE, weights), (folder / RECORD, (json.dumps(record, indent=2) + "\n").encode())])
     return folder
 
 
@@ -154,8 +156,6 @@ def image_stream(source: str, size: int, batch: int, seed: int):
             a, _ = data.batch(seed + 77, step, batch, size=size, texture_fraction=0.2)
             return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255
         return draw
-    from .protect import center_square  # deferred: ldu.protect imports the methods, which import this module
-
     pool = [center_square(im.pixels, size) for im in load_images([source])]
     if not pool:
         raise ValueError(f"{source}: no images")
@@ -184,6 +184,10 @@ def train(backbone, cfg: TrainConfig, out: Path, resume: bool = True, callback=N
         gen.load_state_dict(state["gen"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
+        log_path = out / "train_log.jsonl"
+        if log_path.exists():  # the steps after the checkpoint are done again: their lines go
+            lines = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+            log_path.write_text("".join(line + "\n" for line in lines))
     size = backbone.resolution
     stream = image_stream(cfg.images, size, cfg.batch, cfg.seed)
     if cfg.surrogate != "base":

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the companions: float sums change with the batch)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same name")
     p.add_argument("--manifest-dir", type=Path, default=None, help="write the JSON manifests here instead of beside the PNGs")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50 MP)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default and most: 50 MP, what one job may hold)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     m = sub.add_parser("methods", help="list protection methods, their parameters and defaults")
@@ -138,7 +138,7 @@ def cmd_protect(args) -> int:
     except ValueError as err:
         return fail(str(err))
     try:  # every file is decoded once to find every problem first; pixels are loaded again batch by batch
-        images = _headers(list(args.inputs), args.max_pixels or DEFAULT_MAX_PIXELS)
+        images = _headers(list(args.inputs), min(args.max_pixels or DEFAULT_MAX_PIXELS, MAX_JOB_PIXELS))
     except ImageLoadError as err:
         return fail(*[f"{name}: {problem}" for name, problem in err.problems])
     names = output_names(images)
@@ -153,8 +153,8 @@ def cmd_protect(args) -> int:
         return fail(*[f"{t}: would overwrite an input image: choose another --out folder" for t in clash])
     # An output whose manifest records this very input and these settings is a finished part of this job (an
     # earlier run was interrupted): it is kept and skipped. Anything else in the way needs --overwrite.
-    todo = [i for i in range(len(images)) if args.overwrite or not _done(targets[i], manifests[i], images[i], args.method,
-                                                                         expected)]
+    job = {"method": args.method, "params": expected, "spec": resolve_spec(args.model)[0], "together": args.batch_photos}
+    todo = [i for i in range(len(images)) if args.overwrite or not _done(targets[i], manifests[i], images[i], job)]
     existing = [t for i in todo for t in (targets[i], manifests[i]) if t.exists()]
     if existing and not args.overwrite:
         return fail(*[f"{t}: already exists (use --overwrite to replace it)" for t in existing])
@@ -230,15 +230,18 @@ def _headers(inputs, max_pixels: int) -> list:
     return out
 
 
-def _done(target: Path, manifest: Path, image, method: str, params) -> bool:
-    """Does the output already hold this input protected with these settings (same source bytes, method, params)?"""
+def _done(target: Path, manifest: Path, image, job: dict) -> bool:
+    """Does the output already hold this input protected by this job (the same source bytes, method, parameters,
+    model and batching)?"""
     if not (target.exists() and manifest.exists()):
         return False
     try:
         record = json.loads(manifest.read_text())
-        return (record.get("source", {}).get("sha256") == image.sha256 and record.get("method") == method
-                and record.get("params") == json.loads(json.dumps(dataclasses.asdict(params), default=str)))
-    except (OSError, ValueError):
+        return (record.get("source", {}).get("sha256") == image.sha256 and record.get("method") == job["method"]
+                and record.get("params") == json.loads(json.dumps(dataclasses.asdict(job["params"]), default=str))
+                and record.get("backbone", {}).get("spec") == job["spec"]
+                and (record.get("photos_together") or False) == (job["together"] or not get_method(job["method"]).per_image))
+    except (OSError, ValueError, AttributeError):
         return False
 
 

@@ -339,25 +339,37 @@ def _write_png16(buf: io.BytesIO, arr: np.ndarray, source: LoadedImage) -> None:
 
 def write_together(files: list[tuple[Path, bytes]]) -> None:
     """Write (path, bytes) pairs all or nothing: each into a temporary file beside its target, then all renamed into
-    place. On any error (a full disk, a read-only folder, an interrupt) every temporary file and every target this
-    call already renamed is removed before the error goes on: an image never lands without its manifest, and a
-    rerun finds nothing half-written."""
-    tmps, placed = [], []
+    place (files they replace are set aside and put back on failure). On any error in the process (a full disk, a
+    read-only folder, Ctrl-C) every temporary file and every target this call already renamed is removed before the
+    error goes on: an image never lands without its manifest, and a rerun finds nothing half-written. (Not against a
+    power cut: nothing is fsync'ed.)"""
+    tag = f"{os.getpid()}-{threading.get_ident()}"
+    tmps, placed, backups = [], [], []
     try:
         for path, data in files:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+            tmp = path.with_name(f".{path.name}.tmp{tag}")
             tmps.append(tmp)
             with open(tmp, "wb") as f:
                 f.write(data)
+        for path, _ in files:  # what is replaced is set aside first, and put back if anything fails
+            path = Path(path)
+            if path.exists():
+                backup = path.with_name(f".{path.name}.old{tag}")
+                os.replace(path, backup)
+                backups.append((backup, path))
         for (path, _), tmp in zip(files, tmps):
             os.replace(tmp, path)
             placed.append(Path(path))
     except BaseException:
         for p in tmps + placed:
             p.unlink(missing_ok=True)
+        for backup, path in backups:
+            os.replace(backup, path)
         raise
+    for backup, _ in backups:
+        backup.unlink(missing_ok=True)
 
 
 def _json_default(o):

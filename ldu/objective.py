@@ -79,6 +79,13 @@ class Objective:
         self.g = torch.Generator().manual_seed(seed)
         self.cond = backbone.encode_prompt(options.prompt)
         self.lora = None
+        try:
+            self._setup(backbone, options, x_clean, seed)
+        except BaseException:  # never leave an adapter in a shared backbone
+            self.close()
+            raise
+
+    def _setup(self, backbone, options: ObjectiveOptions, x_clean: torch.Tensor, seed: int) -> None:
         if options.surrogate == "ti":  # the paper's surrogate: the prompt's token learned on the clean images
             with torch.no_grad():
                 latents = backbone.encode(x_clean)

@@ -33,6 +33,7 @@ from .losses import Draws, attacker_loss, make_draws
 from .methods import get_method, report
 from .metrics import STRIP, difference_stats
 from .version import code_version, library_versions
+from .views import MAX_ASPECT, center_square, crop_offset, resize, resized_sides  # noqa: F401  (re-exported)
 
 MAX_BATCH = 8  # photos of one subject per protect() call; the CLI splits larger sets
 # Pixels one job may hold in all (all its photos together): what keeps a CPU server under its documented peak
@@ -97,46 +98,11 @@ def as_loaded(images) -> list[LoadedImage]:
     return out
 
 
-MAX_ASPECT = 4  # canvases longer than this many short sides are squeezed to it (compute grows with the area)
-
-
 def working_size(backbone) -> int:
     size = backbone.resolution
     if size % backbone.size_multiple:
         raise ValueError(f"backbone resolution {size} is not a multiple of {backbone.size_multiple}")
     return size
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-
-
-def resized_sides(h: int, w: int, size: int) -> tuple[int, int]:
-    """(h, w) after torchvision's Resize(size): the short side to `size`, the long one truncated to keep the aspect."""
-    if h <= w:
-        return size, max(size, int(size * w / h))
-    return max(size, int(size * h / w)), size
-
-
-def _crop_offset(n: int, size: int) -> int:
-    return int(round((n - size) / 2.0))  # torchvision's CenterCrop
-
-
-def center_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[3,H,W] in [0,1] -> [3,size,size]: what diffusers' DreamBooth example trains on, torchvision's Resize(size)
-    then CenterCrop(size) (bilinear, antialiased, as Resize does on a PIL image). A photo longer than MAX_ASPECT
-    short sides is first cut to its middle MAX_ASPECT (the square is there; resizing all of it could take gigabytes)."""
-    h, w = x.shape[-2:]
-    if max(h, w) > MAX_ASPECT * min(h, w):
-        keep = MAX_ASPECT * min(h, w)
-        x = x[:, (h - keep) // 2 : (h - keep) // 2 + keep, :] if h > w else x[:, :, (w - keep) // 2 : (w - keep) // 2 + keep]
-        h, w = x.shape[-2:]
-    nh, nw = resized_sides(h, w, size)
-    x = _resize(x[None].float(), (nh, nw), mode="bilinear")[0]
-    top, left = _crop_offset(nh, size), _crop_offset(nw, size)
-    return x[:, top : top + size, left : left + size].clamp(0, 1)
 
 
 def instance_views(images, size: int) -> torch.Tensor:
@@ -180,7 +146,7 @@ class Canvas:
     def of(cls, height: int, width: int, size: int, multiple: int) -> "Canvas":
         h, w = (min(v, MAX_ASPECT * size) for v in resized_sides(height, width, size))
         H, W = (-(-v // multiple) * multiple for v in (h, w))
-        top, left = ((P - size) // 2 - _crop_offset(v, size) for P, v in ((H, h), (W, w)))
+        top, left = ((P - size) // 2 - crop_offset(v, size) for P, v in ((H, h), (W, w)))
         return cls(h, w, top, left, H, W, squeezed=max(height, width) > MAX_ASPECT * min(height, width))
 
     @property
@@ -189,7 +155,7 @@ class Canvas:
 
     def place(self, x: torch.Tensor) -> torch.Tensor:
         """[3,h0,w0] -> [3,H,W]."""
-        x = _resize(x[None].float(), (self.h, self.w), mode="bilinear").clamp(0, 1)
+        x = resize(x[None].float(), (self.h, self.w), mode="bilinear").clamp(0, 1)
         pad = (self.left, self.W - self.w - self.left, self.top, self.H - self.h - self.top)
         return (F.pad(x, pad, mode="reflect") if any(pad) else x)[0]
 
@@ -295,7 +261,7 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None, b
         for j, i in enumerate(run.images):
             s, c = sources[i], canvases[i]
             clean = s.pixels
-            r = _resize(c.take(run.protected[j] - run.clean[j])[None], tuple(clean.shape[-2:]))[0].cpu()
+            r = resize(c.take(run.protected[j] - run.clean[j])[None], tuple(clean.shape[-2:]))[0].cpu()
             if s.gray:  # a single-channel source stays single-channel: perturb its luminance only
                 r = r.mean(0, keepdim=True)
             project_(r, None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)

@@ -58,6 +58,7 @@ def test_download_is_bit_identical_to_protect(app_url, tmp_path, tiny):
     assert "lpips" in unavailable
 
 
+@pytest.mark.slow
 def test_two_sessions_at_once_never_see_each_other(app_url, tmp_path, tiny):
     paths = []
     for i in range(2):
@@ -126,6 +127,7 @@ def test_a_clients_cancel_stops_the_work_and_writes_nothing(app_url, tmp_path):
     assert not [p for p in set(app.SESSIONS.root.rglob("*.png")) - before if p.name == "cancelled.png"]
 
 
+@pytest.mark.slow
 def test_a_sessions_files_are_removed_when_it_ends(app_url, tmp_path):
     import app
 
@@ -197,6 +199,7 @@ def test_bad_input_is_a_message_and_the_app_keeps_serving(app_url, tmp_path):
     assert c.predict(*protect_args([good], iterations=0), api_name="/protect")[4]
 
 
+@pytest.mark.slow
 def test_the_attack_tab_runs_the_paired_experiment_and_refuses_an_outdated_set(app_url, tmp_path):
     c = client(app_url)
     srcs, held = [], []
@@ -234,3 +237,39 @@ def test_app_py_holds_no_computation():
     assert not any("torch" in line for line in top), top
     for name in ("advdm", "aspl", "photoguard_encoder", "gaussian_blur", "diffpure", "textual_inversion", "clip_i"):
         assert f'"{name}"' not in source, name
+
+
+def test_a_shared_upload_stays_until_its_last_session_ends_and_examples_stay_always(tmp_path):
+    from eval.playground import Sessions, file_sha
+
+    example = tmp_path / "cache" / "robot-train-0.png"
+    example.parent.mkdir()
+    example.write_bytes(b"an example everybody clicks")
+    shared = tmp_path / "up" / "same.png"
+    shared.parent.mkdir()
+    shared.write_bytes(b"the same photo from two people")
+    s = Sessions(tmp_path / "sessions", keep={file_sha(example)})
+    for key in ("a", "b"):
+        s.note_uploads(key, [shared, example])
+    s.end("a")
+    assert shared.exists() and example.exists()  # b still holds it
+    s.end("b")
+    assert not shared.exists() and example.exists()  # the last holder is gone; the example never goes
+
+
+def test_a_stop_pressed_while_the_job_waits_in_the_queue_stops_it(tmp_path):
+    from eval.playground import Sessions
+
+    from ldu.registry import report
+
+    s = Sessions(tmp_path / "sessions")
+
+    def work(callback=None):
+        report(callback, {"stage": "x", "step": 1, "total": 1})  # raises Cancelled when told to stop
+        return "done", {}
+
+    s.stop("a")  # nothing runs yet: the next job of this session starts stopped
+    (_, result), = [x for x in s.run("a", work) if x[0] == "done"]
+    assert result.status == "stopped"
+    (_, result), = [x for x in s.run("a", work) if x[0] == "done"]
+    assert result.ok  # the stop was for that job only

@@ -53,7 +53,7 @@ def test_protect_then_attack_shows_the_verdict_and_the_three_way_row(app_url, tm
         expect(page.locator("#downloads")).to_contain_text("robot-train-0.png")
         assert page.locator("#downloads input[type=file]").count() == 0  # a download list, not an upload box
         _shot(page, tmp_path, "protect")
-        page.get_by_role("tab", name="Attack & compare").click()
+        page.get_by_role("tab", name="Attack").click()
         _set_number(page, "attack-steps", 2)
         page.locator("#attack").click()
         verdict = page.locator("#verdict")

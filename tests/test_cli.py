@@ -143,6 +143,7 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     assert proc.stderr.strip() == f"error: {tmp_path / 'bad.png'}: empty file (0 bytes)"
 
 
+@pytest.mark.slow
 def test_python_dash_m_ldu_entry_point(tmp_path):
     rgb(40, 40).save(tmp_path / "a.png")
     proc = subprocess.run([sys.executable, "-m", "ldu", "protect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *FAST],

@@ -33,25 +33,26 @@ def test_the_three_entry_points_give_identical_numbers(tiny, tmp_path):
 
     seed, method = 0, {"pid": {"iterations": 1}}
     # 1. python -m eval.efficacy's run()
-    eff = run(tiny, ["robot"], [seed], ["pid"], "lora_dreambooth", {"steps": STEPS}, method_params=method, log=lambda *a: None)
+    eff = run(tiny, ["robot"], [seed], ["pid"], "lora_dreambooth", {"steps": STEPS}, method_params=method, n_gen=2,
+              log=lambda *a: None)
     (row,) = eff["protection"]
     # 2. the grid runner, on the same subject and seed
     cfg = parse({"image_sets": {"robot": {"subject": "robot", "train": 4, "held_out": 8}}, "protect_backbone": "tiny",
                  "methods": [{"name": "pid", "params": {"iterations": 1}}],
                  "attacks": [{"name": "lora_dreambooth", "params": {"steps": STEPS}}],
-                 "generate": {"n": 8, "steps": 2, "guidance": 4.0}, "metrics": ["psnr"], "seeds": [seed]})
+                 "generate": {"n": 2, "steps": 2, "guidance": 4.0}, "metrics": ["psnr"], "seeds": [seed]})
     run_grid(cfg, tmp_path / "grid", progress=False)
     summary = {r["method"].split("(")[0]: r for r in json.loads((tmp_path / "grid" / "summary.json").read_text())}
     records = [json.loads(line) for line in (tmp_path / "grid" / "results.jsonl").read_text().splitlines()]
     grid_clean = next(r for r in records if r["method"]["name"] == "none")
     grid_prot = next(r for r in records if r["method"]["name"] == "pid")
-    # 3. the app's Protect then Attack & compare, on the same views saved as PNG files (exact 8-bit pixels)
+    # 3. the app's Protect then Attack tabs, on the same views saved as PNG files (exact 8-bit pixels)
     _, train = _write(tmp_path, "train", subject_views("robot", "train", 4, seed=seed)[0])
     _, held = _write(tmp_path, "held", subject_views("robot", "held_out", 8, seed=seed)[0])
     params = playground.method_params("pid", "tiny", effort=1, seed=seed, noun="robot")
     r = protect(load_images(train), tiny, method="pid", params=params)
     protected = r.save(tmp_path / "protected")
-    setup = playground.attack_setup(tiny, train, held, "robot", "lora_dreambooth", STEPS, seed, 8)
+    setup = playground.attack_setup(tiny, train, held, "robot", "lora_dreambooth", STEPS, seed, 2)
     setup.other_prompts = None  # the efficacy CLI and the grid also generate the other prompts (not part of the shares)
     _, app = playground.attack_both(tiny, setup, [str(p) for p in protected])
 

@@ -139,3 +139,9 @@ def test_several_seeds_give_a_spread_in_the_verdict():
     assert text.startswith("**The attacker learned 30 % ± 14 % less") and "2 seeds; draw noise ±4 %" in text
     wide = pg.combine([{"prevented_loss": 0.4, "prevented_loss_noise": 0.01}, {"prevented_loss": -0.2, "prevented_loss_noise": 0.01}])
     assert pg.verdict(wide, seeds=2).startswith("**No measurable protection")  # the seeds disagree
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 0, 6, 2.5, "3"])
+def test_whole_number_controls_name_themselves(value):
+    with pytest.raises(ValueError, match="Seeds must be a whole number from 1 to 5"):
+        pg.whole(value, "Seeds", 1, 5)

@@ -87,6 +87,7 @@ def test_the_default_attack_learns_a_subject_it_never_saw(pocket):
     assert row["gap_closed"] >= 0.5, row
 
 
+@pytest.mark.slow
 def test_training_is_seeded_and_resumes(tmp_path):
     from ldu.pocket.train import Config, train
 

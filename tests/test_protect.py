@@ -10,7 +10,7 @@ from ldu import Cancelled, get_method, load_images, protect
 from ldu.methods import MethodParams
 from ldu.io import to_codes
 
-FAST = {"iterations": 4, "rounds": 2, "ddim_steps": 2, "draws": 2}
+FAST = {"iterations": 2, "rounds": 2, "ddim_steps": 2, "draws": 2}
 
 
 def codes_of(result, i):
@@ -31,13 +31,15 @@ def test_zero_iterations_return_the_input_bit_exactly(tiny, mode, size):
 
 @pytest.mark.parametrize("budget_rms,linf", [(2 / 255, 4 / 255), (None, 3 / 255), (4 / 255, None)])
 def test_budget_holds_after_quantisation_for_every_image(tiny, budget_rms, linf):
-    srcs = load_images([rgb(37, 53, seed=1), rgb(64, 64, seed=2), rgb(90, 120, seed=3, mode="L")])
+    srcs = load_images([rgb(37, 53, seed=1), rgb(90, 120, seed=3, mode="L")])
     result = protect(srcs, tiny, params={**FAST, "budget_rms": budget_rms, "linf": linf, "lr": 0.5})
     for i, src in enumerate(srcs):
         r = (torch.from_numpy(codes_of(result, i).astype(np.float64)) - torch.from_numpy(source_codes(src).astype(np.float64))) / 255
         assert r.abs().max() > 0, "the method changed nothing: the test would prove nothing"
         if budget_rms is not None:
             assert float(r.pow(2).mean().sqrt()) <= budget_rms
+            if linf is None or linf >= 2 * budget_rms:  # the budget binds: the residual reaches it (rounding aside)
+                assert float(r.pow(2).mean().sqrt()) >= 0.8 * budget_rms
         if linf is not None:
             assert float(r.abs().max()) <= linf + 1e-12
         assert result.images[i].shape == src.pixels.shape
@@ -131,7 +133,7 @@ def test_cancel_through_the_callback(tiny):
 def test_manifest_names_method_params_backbone_seed_and_version(tiny):
     r = protect([rgb(64, 64)], tiny, params={**FAST, "seed": 7})
     m = r.manifest_for(0)
-    assert m["method"] == "ldu" and m["seed"] == 7 and m["params"]["iterations"] == 4
+    assert m["method"] == "ldu" and m["seed"] == 7 and m["params"]["iterations"] == FAST["iterations"]
     assert m["backbone"]["spec"] == "tiny" and m["backbone"]["revision"].startswith("sha256:")
     assert m["code_version"] and "torch" in m["libraries"]
     assert {"psnr", "ssim", "linf", "rms"} <= set(m["stats"])
@@ -153,7 +155,7 @@ def test_bad_parameters_and_batches_are_refused_by_name(tiny):
 
 def test_batch_of_different_sizes_returns_each_at_its_own_size(tiny):
     imgs = [rgb(30, 70, seed=1), rgb(64, 64, seed=2), rgb(200, 100, seed=3)]
-    r = protect(imgs, tiny, params=FAST)
+    r = protect(imgs, tiny, params={**FAST, "iterations": 1, "rounds": 1})
     assert [tuple(i.shape[1:]) for i in r.images] == [(30, 70), (64, 64), (200, 100)]
 
 

@@ -96,7 +96,9 @@ def trajectory_shift(backbone, x: torch.Tensor, params: LDUParams, draws, callba
 def _optimise(backbone, x, params: LDUParams, draws, objective: Objective, callback):
     b = x.shape[0]
     residual = params.mode == "residual"
-    keep_best = residual and not (params.fresh_draws or params.posting)  # a best-so-far pick needs a fixed score
+    # a best-so-far pick needs a fixed score: not with fresh draws or random transforms, nor with a surrogate that
+    # changes between rounds (round 2's candidates would be scored by another model than round 1's best)
+    keep_best = residual and not (params.fresh_draws or params.posting or params.surrogate == "lora")
     timesteps = ddim_timesteps(backbone.num_train_timesteps, params.strength, params.ddim_steps)
     c_empty = backbone.encode_prompt("")
     sched = dict(timesteps=timesteps, alphas_cumprod=backbone.alphas_cumprod, prediction_type=backbone.prediction_type)
