@@ -255,7 +255,7 @@ def run_survives_posting(files, state, model, noun, request: gr.Request, progres
     yield result.message
 
 
-# ---- Attack & compare ------------------------------------------------------------------------------------------
+# ---- Attack ------------------------------------------------------------------------------------------
 @gpu
 def run_attack(files, held_files, model, noun, state, method, effort, budget, seed, advanced, attack, steps, purification,
                attack_seed, n_gen, seeds, request: gr.Request, progress=gr.Progress()):
@@ -310,7 +310,8 @@ def attack_estimate(model, attack, steps, n_gen, seeds):
 
 
 def _curves_plot(clean, protected):
-    from matplotlib.figure import Figure  # not pyplot: nothing global to leak per call
+    # deferred: matplotlib is slow to import and only this plot needs it (Figure, not pyplot: nothing global leaks)
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3))
     ax = fig.subplots()
@@ -324,7 +325,7 @@ def _curves_plot(clean, protected):
     return fig
 
 
-# ---- Batch evaluation --------------------------------------------------------------------------------------------
+# ---- Batch --------------------------------------------------------------------------------------------
 @gpu
 def run_batch(files, held_files, noun, model, chosen_methods, chosen_purifications, attack, steps, image_set, seeds,
               match, request: gr.Request, progress=gr.Progress()):
