@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from attacks import attacks, purifications
+from attacks import attacks, default_attack, purifications
 from eval import playground as pg
 from ldu.backbone import BUILTIN, BackboneError, load_backbone
 from ldu.methods import get_method
@@ -300,6 +300,17 @@ def run_attack(files, held_files, model, noun, state, method, effort, budget, se
     yield return_
 
 
+def attack_choice(model):
+    """The model's default attack and its default steps (pocket learns a subject only with full DreamBooth)."""
+    name = default_attack(_kind(model))
+    return gr.update(value=name), steps_choice(model, name)
+
+
+def steps_choice(model, attack):
+    steps = attacks[attack].make_params(_kind(model)).steps if attack in attacks.listed() else 400
+    return gr.update(value=steps, label=f"Training steps (default {steps})")
+
+
 def attack_estimate(model, attack, steps, n_gen, seeds):
     try:
         bb = backbone(model)
@@ -411,7 +422,8 @@ def build() -> gr.Blocks:
     first = get_method("ldu")
     p0 = first.make_params(kind)
     attack_names = attacks.listed()
-    default_steps = attacks["lora_dreambooth"].make_params(kind).steps
+    first_attack = default_attack(kind)
+    default_steps = attacks[first_attack].make_params(kind).steps
     with gr.Blocks(title="LDU Playground") as demo:
         gr.Markdown("# LDU Playground\nProtect photos against diffusion personalization, then play the attacker.")
         with gr.Row():
@@ -477,7 +489,7 @@ def build() -> gr.Blocks:
             gr.Markdown("The same attack, with the same seed, on the clean and on the protected photos of the Protect tab; "
                         "then what each learned, measured on held-out photos of the subject.")
             with gr.Row():
-                attack = gr.Dropdown(attack_names, value="lora_dreambooth", label="Attack")
+                attack = gr.Dropdown(attack_names, value=first_attack, label="Attack")
                 steps = gr.Slider(1, 1000, value=default_steps, step=1, label=f"Training steps (default {default_steps})",
                                   elem_id="attack-steps")
                 purification = gr.Dropdown(["none", *purifications.listed()], value="none", label="Purify the protected photos first")
@@ -507,6 +519,8 @@ def build() -> gr.Blocks:
                 [verdict, references, gen_clean, gen_prot, result_table, curves, attack_note], api_name="attack",
                 concurrency_id="gpu", concurrency_limit=1).then(hide, None, stop_attack, queue=False, **PRIVATE)
             stop_attack.click(stop, None, verdict, queue=False, api_visibility="undocumented")
+            model.change(attack_choice, model, [attack, steps], **PRIVATE)
+            attack.input(steps_choice, [model, attack], steps, **PRIVATE)
             for trigger in (attack.change, steps.change, n_gen.change, attack_seeds.change, model.change):
                 trigger(attack_estimate, [model, attack, steps, n_gen, attack_seeds], attack_eta, concurrency_id="estimate",
                         concurrency_limit=1, show_progress="hidden", **PRIVATE)
@@ -517,8 +531,8 @@ def build() -> gr.Blocks:
                 b_methods = gr.CheckboxGroup(methods, value=["ldu"], label="Methods")
                 b_purif = gr.CheckboxGroup(purifications.listed(), value=[], label="Purifications")
             with gr.Row():
-                b_attack = gr.Dropdown(attack_names, value="lora_dreambooth", label="Attack")
-                b_steps = gr.Slider(1, 1000, value=default_steps, step=1, label=f"Attack steps (default {default_steps})")
+                b_attack = gr.Dropdown(attack_names, value=first_attack, label="Attack")
+                b_steps = gr.Slider(1, 1000, value=default_steps, step=1, label=f"Training steps (default {default_steps})")
                 b_set = gr.Radio([*SUBJECTS, pg.MY_UPLOADS], value=next(iter(SUBJECTS)), label="Image set")
                 b_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds")
                 b_match = gr.Number(None, label="Match PSNR (dB, optional)", minimum=pg.MATCH_PSNR[0], maximum=pg.MATCH_PSNR[1])
@@ -533,6 +547,8 @@ def build() -> gr.Blocks:
                 b_plot1 = gr.Image(label="Learning prevented vs PSNR", format="png", type="filepath", interactive=False)
                 b_plot2 = gr.Image(label="Learning prevented per purification", format="png", type="filepath", interactive=False)
             b_files = gr.File(label="Report (zip, with its images)", file_count="multiple", interactive=False)
+            model.change(attack_choice, model, [b_attack, b_steps], **PRIVATE)
+            b_attack.input(steps_choice, [model, b_attack], b_steps, **PRIVATE)
             for trigger in (b_methods.change, b_purif.change, b_attack.change, b_steps.change, b_seeds.change, model.change):
                 trigger(batch_estimate, [model, b_methods, b_purif, b_attack, b_steps, b_seeds, b_match], b_eta,
                         concurrency_id="estimate", concurrency_limit=1, show_progress="hidden", **PRIVATE)

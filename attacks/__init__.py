@@ -16,12 +16,13 @@ from . import textual_inversion as _ti
 from .adapter import Adapter, applied, pipeline
 from .generate import class_images, generate, post_attack_loss
 from .purify import PurificationUnavailable, get_purification, purifications, purify
-from .train import Attack, AttackOutput, attacks, get_attack, register, train
+from .train import Attack, AttackOutput, attacks, default_attack, get_attack, register, train
 
 for _module in (_lora, _ti, _dreambooth):
     register(_module.ATTACK)
 
 __all__ = [
-    "Adapter", "Attack", "AttackOutput", "PurificationUnavailable", "applied", "attacks", "class_images", "generate",
+    "Adapter", "Attack", "AttackOutput", "PurificationUnavailable", "applied", "attacks", "class_images", "default_attack",
+    "generate",
     "get_attack", "get_purification", "pipeline", "post_attack_loss", "purifications", "purify", "register", "train",
 ]

@@ -60,6 +60,17 @@ class AttackParams:
               "learn nothing to call up")
 
 
+# The attack the app, the CLIs and the grid run when none is named, per backbone kind. On pocket a LoRA of the UNet
+# (rank 4-16, lr 3e-4 to 5e-3, with or without the text encoder) closes at most 14 % of the gap to the robot's
+# held-out views in 400 steps; full DreamBooth at lr 5e-4 closes about half in about 55 s (docs/RESULTS.md).
+DEFAULT_ATTACK = {"pocket": "dreambooth"}
+
+
+def default_attack(kind: str) -> str:
+    """The attack to run on a backbone of this kind when the user names none."""
+    return DEFAULT_ATTACK.get(kind, "lora_dreambooth")
+
+
 def subject_prompts(noun: str, token: str = "sks") -> dict:
     """An attack's prompts for a subject of this class noun (DreamBooth's "a photo of sks dog")."""
     return {"instance_prompt": f"a photo of {token} {noun}", "class_prompt": f"a photo of a {noun}"}

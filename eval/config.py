@@ -29,7 +29,8 @@ from pathlib import Path
 import yaml
 
 from attacks import attacks, purifications
-from attacks.train import aimed
+from attacks.train import aimed, default_attack
+from ldu.backbone import kind_of
 from ldu.io import IMAGE_SUFFIXES
 from ldu.methods import methods
 from ldu.subjects import SUBJECTS
@@ -124,7 +125,8 @@ def parse(raw, base: Path = Path("."), source: Path | None = None) -> Config:
     if not any(p.name == "none" for p in purif):
         purif.insert(0, Named("none"))
 
-    attack_list = _named_list("attacks", raw.get("attacks", ["lora_dreambooth"]), problems)
+    first_kind = kind_of(attack_bb[0]) if attack_bb and isinstance(attack_bb[0], str) else "sd"
+    attack_list = _named_list("attacks", raw.get("attacks", [default_attack(first_kind)]), problems)
     for i, a in enumerate(attack_list):
         _check_entry(f"attacks[{i}]", a, attacks, "attack", problems)
 

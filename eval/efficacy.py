@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from attacks import get_attack
+from attacks import default_attack, get_attack
 from ldu import get_method, load_backbone, protect
+from ldu.backbone import kind_of
 from ldu.protect import to_pil
 from ldu.registry import parse_overrides
 from ldu.subjects import SUBJECTS, get_subject, subject_views
@@ -127,7 +128,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                     field = get_method(method).budget_field
                     if budget is not None:
                         params[field] = budget
-                    elif target_psnr is not None:
+                    elif target_psnr is not None and field not in (method_params or {}).get(label, {}):
+                        # (a method given its budget explicitly keeps it: e.g. LDU's, too slow to bisect on a CPU)
                         k = (name, label)
                         if k not in matched:
                             first = subject_setup(backbone, name, seeds[0], attack, attack_params)
@@ -261,13 +263,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none' (personalization "
                                                       "only); METHOD+NAME is a variant, set with --method-set METHOD+NAME.x=y")
-    ap.add_argument("--attack", default="lora_dreambooth", help="lora_dreambooth, dreambooth or textual_inversion")
+    ap.add_argument("--attack", default=None, help="lora_dreambooth, dreambooth or textual_inversion (default: the "
+                                                   "backbone's default attack, as in the app)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="an attack parameter (repeatable)")
     ap.add_argument("--method-set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="a method parameter")
-    ap.add_argument("--match-psnr", type=float, default=None, help="set each method's binding budget to land at this PSNR")
+    ap.add_argument("--match-psnr", type=float, default=None, help="set each method's binding budget to land at this PSNR "
+                                                                   "(a budget given with --method-set is kept)")
     ap.add_argument("--sweep", default=None, help="budgets in /255 (comma-separated): efficacy against PSNR")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here (pictures and plots beside it)")
     args = ap.parse_args(argv)
+    args.attack = args.attack or default_attack(kind_of(args.model))
     subjects = [s for s in args.subjects.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     try:  # every name and value is checked here, before any work

@@ -299,6 +299,11 @@ def resolve_spec(spec: str | None) -> tuple[str, str | None]:
     )
 
 
+def kind_of(spec: str | None) -> str:
+    """The kind a spec loads as ("tiny", "pocket" or "sd"), without loading it."""
+    return resolved if (resolved := resolve_spec(spec)[0]) in BUILTIN else "sd"
+
+
 def best_builtin() -> str:
     return "pocket" if (BUILTIN["pocket"] / "model_index.json").exists() else "tiny"
 
