@@ -64,16 +64,19 @@ def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, 
 
 
 @torch.no_grad()
-def post_attack_loss(backbone, adapter: Adapter | None, clean_views, draws: Draws, prompt: str | None = None,
-                     reduction: str = "mean") -> torch.Tensor:
+def post_attack_loss(backbone, adapter: Adapter | None, clean_views, draws: Draws | list[Draws], prompt: str | None = None,
+                     reduction: str = "mean") -> torch.Tensor | list[torch.Tensor]:
     """The adapted model's diffusion loss on CLEAN held-out views of the subject, under fixed draws.
 
     How well the attacker learned the real subject (lower: learned better). Efficacy of a protection is this
     number after an attack on protected images minus after one on clean images. Views are prepared as
     training views are (short side resized, centre crop); the prompt defaults to the adapter's instance prompt.
+    A list of draw sets gives a list of losses, with the adapter loaded and the views encoded once.
     """
     views = instance_views(clean_views, backbone.resolution).to(backbone.device)
     prompt = prompt or (adapter.prompt if adapter else "a photo of sks person")
+    sets = draws if isinstance(draws, list) else [draws]
     with applied(backbone, adapter):
-        latents = backbone.encode(views)
-        return diffusion_loss(backbone, latents, backbone.encode_prompt(prompt), draws, reduction=reduction, max_batch=16)
+        latents, cond = backbone.encode(views), backbone.encode_prompt(prompt)
+        losses = [diffusion_loss(backbone, latents, cond, d, reduction=reduction, max_batch=16) for d in sets]
+    return losses if isinstance(draws, list) else losses[0]

@@ -123,7 +123,7 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
     m: dict = {}
     if setup.held_out is None:
         return m, gens
-    sets = [float(post_attack_loss(backbone, adapter, setup.held_out, d, prompt=prompt)) for d in loss_draws(backbone, setup)]
+    sets = [float(v) for v in post_attack_loss(backbone, adapter, setup.held_out, loss_draws(backbone, setup), prompt=prompt)]
     m["post_attack_loss_sets"] = sets
     m["post_attack_loss"] = statistics.fmean(sets)
     target = thumbnails(setup.held_out, THUMB)

@@ -54,7 +54,7 @@ def test_out_of_memory_at_each_stage_of_the_attack(tiny, tmp_path, monkeypatch, 
         rgb(64, 64, seed=i).save(srcs[-1])
     protected = pg.run_job(pg.protect_photos, [str(p) for p in srcs], tiny, "pid", pg.method_params("pid", "tiny", effort=1),
                            tmp_path / "p").outputs["protected"]
-    setup = pg.attack_setup(tiny, [str(p) for p in srcs], [str(p) for p in srcs], "dog", "lora_dreambooth", 2, 0, 1)
+    setup = pg.attack_setup(tiny, [str(p) for p in srcs], [str(p) for p in srcs], "dog", "lora_dreambooth", 2, 0, 2)
     module, name = target.rsplit(".", 1)
     monkeypatch.setattr(f"eval.experiment.{name}" if module == "attacks.train" else target, _oom)
     r = pg.run_job(pg.attack_both, tiny, setup, protected, kind="attack")

@@ -32,14 +32,17 @@ def test_zero_iterations_return_the_input_bit_exactly(tiny, mode, size):
 @pytest.mark.parametrize("budget_rms,linf", [(2 / 255, 4 / 255), (None, 3 / 255), (4 / 255, None)])
 def test_budget_holds_after_quantisation_for_every_image(tiny, budget_rms, linf):
     srcs = load_images([rgb(37, 53, seed=1), rgb(90, 120, seed=3, mode="L")])
-    result = protect(srcs, tiny, params={**FAST, "budget_rms": budget_rms, "linf": linf, "lr": 0.5})
+    result = protect(srcs, tiny, params={**FAST, "iterations": 6, "budget_rms": budget_rms, "linf": linf, "lr": 5.0})
     for i, src in enumerate(srcs):
         r = (torch.from_numpy(codes_of(result, i).astype(np.float64)) - torch.from_numpy(source_codes(src).astype(np.float64))) / 255
         assert r.abs().max() > 0, "the method changed nothing: the test would prove nothing"
         if budget_rms is not None:
             assert float(r.pow(2).mean().sqrt()) <= budget_rms
-            if linf is None or linf >= 2 * budget_rms:  # the budget binds: the residual reaches it (rounding aside)
-                assert float(r.pow(2).mean().sqrt()) >= 0.8 * budget_rms
+            if (linf is None or linf >= 2 * budget_rms) and not src.gray:
+                # the budget binds (a large step): the projected RGB residual has RMS = budget, and rounding each value
+                # toward zero moves it by less than one code step, so the saved residual's RMS is above budget - 1/255.
+                # (A gray image saves the mean of the three channels' residuals: below the budget, not at it.)
+                assert float(r.pow(2).mean().sqrt()) > budget_rms - 1 / 255
         if linf is not None:
             assert float(r.abs().max()) <= linf + 1e-12
         assert result.images[i].shape == src.pixels.shape
