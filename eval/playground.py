@@ -352,32 +352,42 @@ def attack_both(backbone, setup: experiment.Setup, protected_paths, purification
 
 
 def combine(results: list[dict]) -> dict:
-    """Several seeds' results as one: the share's mean, its spread over seeds, the mean draw noise; the first
-    result's reason when a seed could not be measured."""
-    shares = [r.get("prevented_loss") for r in results]
-    if any(isinstance(v, str) for v in shares):
-        return next(r for r in results if isinstance(r.get("prevented_loss"), str))
-    out = {"prevented_loss": statistics.fmean(shares),
-           "prevented_loss_noise": statistics.fmean(r.get("prevented_loss_noise", 0.0) for r in results)}
-    if len(shares) > 1:
-        out["prevented_loss_spread"] = statistics.stdev(shares)
+    """Several seeds' results as one, for each share (loss, generation): its mean, its spread over seeds, the mean
+    draw noise; the first reason when a seed could not be measured."""
+    out: dict = {}
+    for key in ("prevented_loss", "prevented_generation"):
+        shares = [r.get(key) for r in results]
+        if any(v is None or isinstance(v, str) for v in shares):
+            out[key] = next((v for v in shares if isinstance(v, str)), experiment.TOO_LITTLE)
+            continue
+        out[key] = statistics.fmean(shares)
+        out[f"{key}_noise"] = statistics.fmean(r.get(f"{key}_noise") or 0.0 for r in results)
+        if len(shares) > 1:
+            out[f"{key}_spread"] = statistics.stdev(shares)
     return out
 
 
 def verdict(result: dict, seeds: int = 1) -> str:
     """The answer in words: how much less the attacker learned (± its spread over seeds), with the draw noise, or why
     there is no answer."""
-    share = result.get("prevented_loss")
-    if isinstance(share, str):
-        if share == experiment.NO_HELD_OUT:
-            return ("**No verdict:** there are no held-out photos of this subject, so what the attacker learned cannot "
-                    "be measured on photos it never saw. Add a few other photos of the same subject under *Held-out "
-                    "photos*, or try an example subject. The generations below are still what each attack produced.")
+    key, share = "prevented_loss", result.get("prevented_loss")
+    if share == experiment.NO_HELD_OUT:
+        return ("**No verdict:** there are no held-out photos of this subject, so what the attacker learned cannot "
+                "be measured on photos it never saw. Add a few other photos of the same subject under *Held-out "
+                "photos*, or try an example subject. The generations below are still what each attack produced.")
+    if isinstance(share, str) and not isinstance(result.get("prevented_generation"), str):
+        # the loss did not show the learning (full DreamBooth on pocket over-fits its views and raises the held-out
+        # loss), the generations did: judge on them
+        key, share = "prevented_generation", result.get("prevented_generation")
+    if share is None or isinstance(share, str):
         return ("**No verdict:** the attack on the clean photos learned too little to measure a difference (its "
                 "effect is within the draw noise). Try more training steps.")
-    noise = result.get("prevented_loss_noise", 0.0)
-    spread = result.get("prevented_loss_spread")
-    runs = f"{seeds} seed{'s' if seeds > 1 else ''}; draw noise ±{100 * noise:.0f} %"
+    noise = result.get(f"{key}_noise") or 0.0
+    spread = result.get(f"{key}_spread")
+    on = "" if key == "prevented_loss" else ", on the generations' likeness"
+    runs = f"{seeds} seed{'s' if seeds > 1 else ''}; draw noise ±{100 * noise:.0f} %{on}"
+    if seeds == 1:  # the attack's own run-to-run spread is not in the draw noise
+        runs += "; one seed cannot separate this from the attack's run-to-run spread: use 3 seeds to be sure"
     uncertain = max(2 * noise, spread or 0.0)
     shown = percent(abs(share), spread)
     if abs(share) <= uncertain:

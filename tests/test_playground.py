@@ -106,6 +106,12 @@ def test_the_verdict_says_what_happened_with_its_noise():
     assert pg.verdict({"prevented_loss": 0.03, "prevented_loss_noise": 0.04}).startswith("**No measurable protection")
     assert pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05}).startswith("**The protection helped the attacker")
     assert "held-out" in pg.verdict({"prevented_loss": NO_HELD_OUT}) and "more training steps" in pg.verdict({"prevented_loss": TOO_LITTLE})
+    both = {"prevented_loss": TOO_LITTLE, "prevented_generation": TOO_LITTLE}
+    assert "more training steps" in pg.verdict(both)
+    # the loss did not show the learning, the generations did: the verdict reads them, and says so
+    text = pg.verdict({"prevented_loss": TOO_LITTLE, "prevented_generation": 0.5, "prevented_generation_noise": 0.1})
+    assert text.startswith("**The attacker learned 50 % less") and "generations' likeness" in text and "±10 %" in text
+    assert "use 3 seeds" in text and "use 3 seeds" not in pg.verdict({"prevented_loss": 0.5}, seeds=3)
 
 
 def test_numbers_are_shown_with_three_significant_digits():
@@ -139,6 +145,12 @@ def test_several_seeds_give_a_spread_in_the_verdict():
     assert text.startswith("**The attacker learned 30 % ± 14 % less") and "2 seeds; draw noise ±4 %" in text
     wide = pg.combine([{"prevented_loss": 0.4, "prevented_loss_noise": 0.01}, {"prevented_loss": -0.2, "prevented_loss_noise": 0.01}])
     assert pg.verdict(wide, seeds=2).startswith("**No measurable protection")  # the seeds disagree
+    from eval.experiment import TOO_LITTLE
+
+    gen = pg.combine([{"prevented_loss": TOO_LITTLE, "prevented_generation": 0.6, "prevented_generation_noise": 0.1},
+                      {"prevented_loss": 0.1, "prevented_generation": 0.4, "prevented_generation_noise": 0.1}])
+    assert gen["prevented_loss"] == TOO_LITTLE and gen["prevented_generation"] == pytest.approx(0.5)
+    assert pg.verdict(gen, seeds=2).startswith("**The attacker learned 50 % ± 14 % less")
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, 0, 6, 2.5, "3"])
