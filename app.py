@@ -21,7 +21,7 @@ from gradio.utils import get_upload_folder
 
 from attacks import attacks, default_attack, purifications
 from eval import playground as pg
-from ldu.backbone import BUILTIN, BackboneError, load_backbone
+from ldu.backbone import BUILTIN, BackboneError, kind_of, load_backbone
 from ldu.methods import get_method
 from ldu.subjects import SUBJECTS
 
@@ -142,10 +142,6 @@ def _fail(message: str):
     raise gr.Error(message, print_exception=False)
 
 
-def _kind(model: str) -> str:
-    return model if model in BUILTINS else "sd"
-
-
 def _run(request, progress, label: str, work, *args, kind: str, **kwargs):
     """Run a job of this session; yields status texts while it runs and returns its JobResult (StopIteration)."""
     for what, payload in SESSIONS.run(_key(request), work, *args, kind=kind, **kwargs):
@@ -164,7 +160,7 @@ def _run(request, progress, label: str, work, *args, kind: str, **kwargs):
 def method_controls(method: str, model: str):
     """The effort and budget sliders of a method, with its defaults for this model."""
     m = get_method(method)
-    p = m.make_params(_kind(model))
+    p = m.make_params(kind_of(model))
     effort = getattr(p, m.effort_field)
     budget = getattr(p, m.budget_field)
     what = "RMS" if m.budget_field == "budget_rms" else "L∞"
@@ -302,12 +298,12 @@ def run_attack(files, held_files, model, noun, state, method, effort, budget, se
 
 def attack_choice(model):
     """The model's default attack and its default steps (pocket learns a subject only with full DreamBooth)."""
-    name = default_attack(_kind(model))
+    name = default_attack(kind_of(model))
     return gr.update(value=name), steps_choice(model, name)
 
 
 def steps_choice(model, attack):
-    steps = attacks[attack].make_params(_kind(model)).steps if attack in attacks.listed() else 400
+    steps = attacks[attack].make_params(kind_of(model)).steps
     return gr.update(value=steps, label=f"Training steps (default {steps})")
 
 
@@ -415,7 +411,7 @@ def build() -> gr.Blocks:
     start_sessions()
     models = allowed_models()
     default_model = next((m for m in ("pocket", "sd15", "tiny") if m in models), models[0])
-    kind = _kind(default_model)
+    kind = kind_of(default_model)
     subjects = pg.example_subjects()
     examples = [[info["train_paths"]] for info in subjects.values()]
     methods = pg.listed_methods()
