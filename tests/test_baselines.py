@@ -71,3 +71,17 @@ def test_aspl_progress_counts_every_pgd_step():
     m = get_method("aspl")
     p = m.make_params("sd")
     assert m.steps(p) == p.rounds * p.pgd_steps == 300 and m.effort_field == "rounds"
+
+
+def test_the_noise_control_spends_the_budget_with_seeded_per_photo_noise(tiny):
+    budget = 4 / 255
+    a = protect([rgb(64, 64, seed=1), rgb(64, 64, seed=2)], tiny, method="noise", params={"budget_rms": budget, "seed": 3})
+    b = protect([rgb(64, 64, seed=1)], tiny, method="noise", params={"budget_rms": budget, "seed": 3})
+    c = protect([rgb(64, 64, seed=1)], tiny, method="noise", params={"budget_rms": budget, "seed": 4})
+    for s in a.stats["images"]:  # the whole budget is spent (up to one code step of rounding), never more
+        assert budget - 1 / 255 < s["rms"] <= budget + 1e-6, s
+    assert torch.equal(a.images[0], b.images[0]) and not torch.equal(a.images[0], c.images[0])
+    r0 = a.images[0] - a.sources[0].pixels
+    r1 = a.images[1] - a.sources[1].pixels
+    assert abs(float((r0 * r1).mean())) < 0.2 * float(r0.pow(2).mean())  # two photos: independent noise
+    assert not methods["noise"].listed  # a control for the CLIs and the grid, not a protection the app offers
