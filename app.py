@@ -164,7 +164,9 @@ def method_controls(method: str, model: str):
     effort = getattr(p, m.effort_field)
     budget = getattr(p, m.budget_field)
     what = "RMS" if m.budget_field == "budget_rms" else "L∞"
-    return (gr.update(value=effort, label=f"{m.effort_field.replace('_', ' ').capitalize()} (default {effort})"),
+    one_pass = effort == 1 and m.effort_field == "iterations"  # the amortised generator: one pass or none
+    return (gr.update(value=effort, maximum=1 if one_pass else 200,
+                      label=f"{m.effort_field.replace('_', ' ').capitalize()} (default {effort})"),
             gr.update(value=round(budget * 255, 2), label=f"Budget: {what} in /255 (default {budget * 255:.3g})"))
 
 
@@ -415,6 +417,7 @@ def build() -> gr.Blocks:
     subjects = pg.example_subjects()
     examples = [[info["train_paths"]] for info in subjects.values()]
     methods = pg.listed_methods()
+    method_choices = [(f"{m} (fast: one forward pass)" if m == "ldu_amortised" else m, m) for m in methods]
     first = get_method("ldu")
     p0 = first.make_params(kind)
     attack_names = attacks.listed()
@@ -442,7 +445,7 @@ def build() -> gr.Blocks:
                         held_files = gr.File(label="Other photos of the same subject, never given to the attacker: they "
                                                    "measure what it learned", file_count="multiple", file_types=["image"],
                                              elem_id="held-out")
-                    method = gr.Dropdown(methods, value="ldu", label="Method", elem_id="method")
+                    method = gr.Dropdown(method_choices, value="ldu", label="Method", elem_id="method")
                     effort = gr.Slider(0, 200, value=getattr(p0, first.effort_field), step=1,
                                        label=f"Iterations (default {getattr(p0, first.effort_field)})", elem_id="effort")
                     budget = gr.Slider(0.5, 32, value=round(p0.budget_rms * 255, 2), step=0.5,

@@ -20,11 +20,12 @@ SD=${SD:-/tmp/sd15-random}
 [ -f "$SD/model_index.json" ] || python3 bench/make_random_sd.py --out "$SD"
 OUT=${OUT:-/tmp/ldu-gpu-bench}; mkdir -p "$OUT"
 if [ -n "${QUICK:-}" ]; then IT=10; STEPS=60; LABEL="quick (extrapolated from 10 iterations / 60 steps)"; else IT=50; STEPS=400; LABEL=full; fi
-python3 bench/protect.py --model "$SD" --dtype bf16 --methods ldu,ldu_amortised,advdm,photoguard_encoder,mist,pid --iterations $IT \
+python3 bench/protect.py --model "$SD" --dtype bf16 --methods ldu,advdm,photoguard_encoder,mist,pid --iterations $IT \
   | tee "$OUT/protect.txt"
 python3 bench/protect.py --model "$SD" --dtype bf16 --methods aspl --images 4 | tee "$OUT/aspl.txt"
+python3 bench/amortised.py --random-weights sd15 --dtype bf16 --preset sd15 --images 1,8 | tee "$OUT/amortised.txt"
 python3 bench/attack.py --model "$SD" --dtype bf16 --steps $((STEPS < 60 ? STEPS : 60)) | tee "$OUT/attack.txt"
 python3 bench/loop.py --model "$SD" --dtype bf16 --iterations $IT --steps $STEPS --n-gen 8 | tee "$OUT/loop.txt"
 echo
 echo "== LDU Playground on $(python3 -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%F), settings: $LABEL"
-for f in protect aspl attack loop; do echo "-- $f"; cat "$OUT/$f.txt"; done
+for f in protect aspl amortised attack loop; do echo "-- $f"; cat "$OUT/$f.txt"; done

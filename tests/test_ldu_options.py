@@ -2,6 +2,7 @@
 backbone), the paper preset, and the amortised generator: train, resume, protect in one pass."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -75,6 +76,23 @@ def test_the_amortised_generator_trains_resumes_and_protects_in_one_pass(tiny, t
     assert zero.stats["images"][0]["rms"] == 0
     with pytest.raises(ValueError, match="no trained generator"):
         protect([rgb(64, 64)], tiny, method="ldu_amortised", params={"generator": str(tmp_path / "none")})
+
+    from ldu.amortised import check
+    from ldu.subjects import SUBJECTS
+
+    from ldu.amortised import ShiftGenerator, save
+
+    gen = ShiftGenerator(tiny.latent_channels, cfg.width, cfg.blocks)
+    torch.nn.init.normal_(gen.out[-1].weight, std=1.0)  # a shift far above the budget: the projection must bind
+    big = save(gen, tmp_path / "big", json.loads((a / "generator.json").read_text()))
+    seen = check(tiny, big, budget_rms=4 / 255, n=2)  # the training distribution beside every unseen subject
+    assert seen["hash"] == file_hash(big) and len(seen["groups"]) == 1 + len(SUBJECTS)
+    for label, g in seen["groups"].items():
+        assert g["images"] == (2 if label.startswith("training") else 4)
+        # the budget spent and held: RMS 4/255 is 36.1 dB, one code step of rounding less is 37.9 dB
+        assert 20 * math.log10(255 / 4) - 0.01 <= g["psnr"] < 20 * math.log10(255 / 3), g
+        assert math.isfinite(g["attacker_loss_gain"]) and g["attacker_loss_gain"] != 0
+        assert g["latent_distance_to_grey_clean"] > 0 and math.isfinite(g["latent_distance_to_grey_protected"])
 
 
 def test_network_timing_accounts_for_forward_and_backward(tiny):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..amortised import load, protect_batch
 from . import Method, MethodParams, check, check_budget, param, report
 
 GENERATORS = Path(__file__).resolve().parent.parent.parent / "assets" / "generators"
@@ -37,6 +36,8 @@ def generator_folder(backbone, p: AmortisedParams) -> Path:
 def amortised(backbone, x: torch.Tensor, p: AmortisedParams, draws, callback=None):
     if p.iterations == 0:
         return x.clone(), {"generator": None}
+    from ..amortised import load, protect_batch  # here: `python -m ldu.amortised` must not find itself imported
+
     gen, record = load(generator_folder(backbone, p), backbone)
     out = protect_batch(backbone, gen, x, p.budget_rms, p.linf)
     report(callback, {"stage": "ldu_amortised", "step": 1, "total": 1})
