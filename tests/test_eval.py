@@ -182,10 +182,13 @@ def test_two_processes_shard_the_grid_and_merge(tmp_path):
 def test_the_shipped_configs_are_valid():
     """example-tiny runs end to end above; example-pocket (an hour of CPU) is checked as a config, and its every method
     at least once on tiny in the grid tests."""
-    for name in ("example-tiny.yaml", "example-pocket.yaml"):
+    for name in ("example-tiny.yaml", "example-pocket.yaml", "comparison-pocket.yaml"):
         cfg = load(ROOT / "configs" / name)
         assert cfg.methods and cfg.attacks and cfg.seeds
     assert load(ROOT / "configs" / "example-pocket.yaml").match_psnr == 32
+    comparison = load(ROOT / "configs" / "comparison-pocket.yaml")  # issues 17/18: >= 3 subjects x 3 seeds, the control
+    assert len(comparison.image_sets) >= 3 and len(comparison.seeds) == 3 and comparison.match_psnr == 32
+    assert {"ldu", "noise"} <= {m.name for m in comparison.methods}
 
 
 def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny):
