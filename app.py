@@ -164,8 +164,7 @@ def method_controls(method: str, model: str):
     effort = getattr(p, m.effort_field)
     budget = getattr(p, m.budget_field)
     what = "RMS" if m.budget_field == "budget_rms" else "L∞"
-    one_pass = effort == 1 and m.effort_field == "iterations"  # the amortised generator: one pass or none
-    return (gr.update(value=effort, maximum=1 if one_pass else 200,
+    return (gr.update(value=effort, maximum=m.effort_max,
                       label=f"{m.effort_field.replace('_', ' ').capitalize()} (default {effort})"),
             gr.update(value=round(budget * 255, 2), label=f"Budget: {what} in /255 (default {budget * 255:.3g})"))
 

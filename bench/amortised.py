@@ -86,7 +86,7 @@ def main() -> None:
                 rows.append({"photos": f"{n}{' together' if together else ''}", "s/image": f"{s['seconds'] / n:.3f}",
                              "s/image with measures": f"{wall / n:.3f}",
                              "unet calls": s["unet_calls"],
-                             "vae enc/dec per image": f"{s['vae_encode_calls'] / n:.1f}/{s['vae_decode_calls'] / n:.1f}",
+                             "vae enc/dec per image": f"{s['vae_encode_calls'] / n:.2f}/{s['vae_decode_calls'] / n:.2f}",
                              "peak GiB": peak_gib(args.device)})
         label = f"{folder} ({file_hash(folder)})" if trained else "an untrained generator of the preset's shape (timing only)"
         print(f"protect with ldu_amortised, generator: {label}. s/image: the method (encode, generator, decode); with "

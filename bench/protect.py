@@ -24,7 +24,9 @@ from ldu import methods, protect  # noqa: E402  (common.py puts the repo on the 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_backbone_args(ap)
-    ap.add_argument("--methods", default=",".join(methods), help="comma-separated registry names")
+    ap.add_argument("--methods", default=",".join(n for n in methods if n not in ("ldu_amortised", "noise")),
+                    help="comma-separated registry names (default: the optimising methods; the generator has "
+                         "bench/amortised.py)")
     ap.add_argument("--images", type=int, default=1, help="batch size (images of one subject)")
     ap.add_argument("--iterations", type=int, default=None, help="override each method's iterations")
     ap.add_argument("--draws", type=int, default=None, help="override m (default: the method's default)")

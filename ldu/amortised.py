@@ -210,14 +210,16 @@ def train(backbone, cfg: TrainConfig, out: Path, resume: bool = True, callback=N
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         x_p = protect_batch(backbone, gen, x, cfg.budget_rms, cfg.linf)
-        value = objective(x_p, draws=draws)
+        # on a GPU the UNet's activations are recomputed in backward (SD 1.5 at batch 16 x 2 draws would not fit
+        # otherwise); on a CPU memory is not the limit and the recomputation would cost a third more time
+        value = objective(x_p, draws=draws, checkpoint=backbone.device.type != "cpu")
         loss = -value.mean()
         value = value.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         opt.step()
-        if (step + 1) % 25 == 0:
+        if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
             with open(out / "train_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step + 1, "objective": float(value.mean()), "seconds": time.time() - t0}) + "\n")
         report(callback, {"stage": "train", "step": step + 1, "total": cfg.steps, "objective": float(value.mean())})
@@ -232,7 +234,36 @@ def train(backbone, cfg: TrainConfig, out: Path, resume: bool = True, callback=N
     record = {"backbone": backbone.spec, "backbone_revision": backbone.revision, "latent_channels": backbone.latent_channels,
               "width": cfg.width, "blocks": cfg.blocks, "config": asdict(cfg),
               "parameters": sum(p.numel() for p in gen.parameters())}
-    return save(gen, out, record)
+    save(gen, out, record)
+    plot_curve(out)
+    return out
+
+
+def plot_curve(out: Path) -> Path | None:
+    """out/loss_curve.png: the training objective every 25 steps and its running mean over 200 steps (None before
+    the first logged step)."""
+    import matplotlib  # deferred: only this plot uses it, and it is slow to import
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    log = out / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+    if not rows:
+        return None
+    steps, values = [r["step"] for r in rows], [r["objective"] for r in rows]
+    k = 8  # 8 points of 25 steps
+    running = [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    ax.plot(steps, values, lw=0.6, color="0.7", label="objective (one batch)")
+    ax.plot(steps, running, lw=1.6, label="running mean, 200 steps")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("objective (maximised)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=100)
+    return out / "loss_curve.png"
 
 
 def check(backbone, folder: Path, budget_rms: float = 8 / 255, n: int = 8) -> dict:
@@ -246,7 +277,10 @@ def check(backbone, folder: Path, budget_rms: float = 8 / 255, n: int = 8) -> di
     gen, record = load(folder, backbone)
     cfg = record.get("config", {})
     size = backbone.resolution
-    groups = {"training distribution (pocket-data, another seed)": image_stream("pocket-data", size, n, seed=1000)(0)}
+    source = cfg.get("images", "pocket-data")
+    seen = (f"training distribution ({source}, another seed)" if source == "pocket-data"
+            else f"training images ({source}, other crops)")
+    groups = {seen: image_stream(source, size, n, seed=1000)(0)}
     for name in SUBJECTS:
         a, _ = subject_views(name, "train", 4, seed=0, size=size)
         groups[f"subject {name} (never seen)"] = torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255

@@ -273,3 +273,16 @@ def test_a_stop_pressed_while_the_job_waits_in_the_queue_stops_it(tmp_path):
     assert result.status == "stopped"
     (_, result), = [x for x in s.run("a", work) if x[0] == "done"]
     assert result.ok  # the stop was for that job only
+
+
+def test_the_method_controls_follow_the_method():
+    """The effort slider's top and default, and the budget's kind, follow the chosen method: the generator is one
+    pass (its slider stops at 1, so no run fails on 'iterations must be 0 or 1'); LDU iterates."""
+    import app
+
+    effort, budget = app.method_controls("ldu_amortised", "pocket")
+    assert effort["maximum"] == 1 and effort["value"] == 1 and "RMS" in budget["label"]
+    effort, budget = app.method_controls("ldu", "pocket")
+    assert effort["maximum"] == 200 and effort["value"] == 50
+    effort, budget = app.method_controls("pid", "pocket")
+    assert effort["maximum"] == 200 and "L∞" in budget["label"]

@@ -43,6 +43,7 @@ class MethodParams:
 class Method(Entry):
     budget_field: str  # the parameter that binds: "budget_rms" or "linf"
     effort_field: str = "iterations"  # the parameter the app's effort slider sets (ASPL: rounds)
+    effort_max: int = 200  # the slider's top (1 for a one-pass method)
     per_image: bool = True
     steps: Callable = lambda p: p.iterations
     draws: Callable = lambda p: FIXED_DRAWS

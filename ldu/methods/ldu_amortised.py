@@ -29,7 +29,13 @@ class AmortisedParams(MethodParams):
 def generator_folder(backbone, p: AmortisedParams) -> Path:
     if p.generator:
         return Path(p.generator)
-    return GENERATORS / backbone.kind
+    folder = GENERATORS / backbone.kind
+    if not (folder / "generator.safetensors").exists():
+        shipped = sorted(g.parent.name for g in GENERATORS.glob("*/generator.safetensors")) or ["none"]
+        raise ValueError(f"ldu_amortised: no generator ships for the {backbone.kind} backbone (shipped: "
+                         f"{', '.join(shipped)}); train one with `python -m ldu.amortised train --model ...` and pass "
+                         "generator=<its folder>, or use ldu")
+    return folder
 
 
 @torch.no_grad()
@@ -49,6 +55,6 @@ METHOD = Method(
     name="ldu_amortised", params=AmortisedParams, fn=amortised, budget_field="budget_rms",
     summary="LDU with the amortised generator: the latent shift in one forward pass (train one: python -m ldu.amortised)",
     cost=lambda p: 0.5 * p.iterations,  # one VAE encode, one generator pass, one decode: no UNet
-    effort_field="iterations",
+    effort_field="iterations", effort_max=1,
     listed=any(GENERATORS.glob("*/generator.safetensors")),  # the app offers it once a generator ships
 )

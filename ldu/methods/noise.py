@@ -1,4 +1,5 @@
-"""The null protection: seeded Gaussian pixel noise at the same budget as a real method, and no objective at all.
+"""The null protection: seeded Gaussian noise at the same budget as a real method, and no objective at all (drawn at
+the working size, like every method's residual, and resized with it to the photo's size).
 
 It is the measurement's control, not a defence: a method's share of learning prevented means something only where
 it differs from what the same amount of structureless change does to the same-seed attack (on pocket, full
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, MethodParams, check_budget, param
+from . import Method, MethodParams, check, check_budget, param
 
 
 @dataclass
@@ -23,10 +24,11 @@ class NoiseParams(MethodParams):
 
     def __post_init__(self):
         check_budget(self)
+        check(self.budget_rms is not None, "noise needs budget_rms (the size of the noise)")
 
 
 def noise(backbone, x: torch.Tensor, p: NoiseParams, draws, callback=None):
-    if p.iterations == 0 or not p.budget_rms:
+    if p.iterations == 0 or p.budget_rms == 0:
         return x.clone(), {}
     g = torch.Generator().manual_seed(p.seed)  # protect() gives each photo its own seed (its content mixed in)
     eps = torch.randn(x.shape, generator=g).to(x)
@@ -38,5 +40,5 @@ def noise(backbone, x: torch.Tensor, p: NoiseParams, draws, callback=None):
 METHOD = Method(
     name="noise", params=NoiseParams, fn=noise, budget_field="budget_rms",
     summary="control: seeded Gaussian pixel noise at the budget, no objective (what any change of that size does)",
-    steps=lambda p: 1, cost=lambda p: 0.0, listed=False,
+    steps=lambda p: 1, cost=lambda p: 0.0, listed=False, effort_max=1,
 )
