@@ -55,8 +55,9 @@ def main() -> None:
     per_step, info = time_training(bb, args.preset, args.train_steps, args.batch, args.device)
     print(f"backbone {bb.spec} ({bb.resolution}px, {str(bb.dtype).replace('torch.', '')}, {args.device}); preset "
           f"{args.preset}: {cfg.steps} steps at batch {info['batch']}")
+    note = "" if info["batch"] == cfg.batch else f" (at batch {info['batch']}; the preset's {cfg.batch} costs about {cfg.batch / info['batch']:.0f}x)"
     print_table([{"stage": "train", "batch": info["batch"], "s/step": f"{per_step:.3f}",
-                  f"{cfg.steps} steps": f"{per_step * cfg.steps / 60:.1f} min", "peak GiB": info["peak"]}],
+                  f"{cfg.steps} steps": f"{per_step * cfg.steps / 60:.1f} min{note}", "peak GiB": info["peak"]}],
                 ["stage", "batch", "s/step", f"{cfg.steps} steps", "peak GiB"])
 
     shipped = GENERATORS / bb.kind

@@ -24,7 +24,7 @@ if [ -n "${QUICK:-}" ]; then IT=10; STEPS=60; LABEL="quick (extrapolated from 10
 python3 bench/protect.py --model "$SD" --dtype bf16 --methods ldu,advdm,photoguard_encoder,mist,pid --iterations $IT \
   | tee "$OUT/protect.txt"
 python3 bench/protect.py --model "$SD" --dtype bf16 --methods aspl --images 4 | tee "$OUT/aspl.txt"
-python3 bench/amortised.py --random-weights sd15 --dtype bf16 --preset sd15 --train-steps 3 --images 1,8 \
+python3 bench/amortised.py --random-weights sd15 --dtype bf16 --preset sd15 --batch 4 --train-steps 3 --images 1,8 \
   | tee "$OUT/amortised.txt" || echo "amortised benchmark failed (see above)" | tee -a "$OUT/amortised.txt"
 python3 bench/attack.py --model "$SD" --dtype bf16 --steps $((STEPS < 60 ? STEPS : 60)) | tee "$OUT/attack.txt"
 python3 bench/loop.py --model "$SD" --dtype bf16 --iterations $IT --steps $STEPS --n-gen 8 | tee "$OUT/loop.txt"
