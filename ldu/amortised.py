@@ -297,7 +297,8 @@ def check(backbone, folder: Path, budget_rms: float = 8 / 255, n: int = 8) -> di
                        "attacker_loss_gain": sum(s["attacker_loss_protected"] - s["attacker_loss_clean"] for s in st) / len(st),
                        "attacker_loss_clean": sum(s["attacker_loss_clean"] for s in st) / len(st),
                        "latent_distance_to_grey_clean": float(dist[0].mean()),
-                       "latent_distance_to_grey_protected": float(dist[1].mean())}
+                       "latent_distance_to_grey_protected": float(dist[1].mean()),
+                       "latent_closer_to_grey": 1 - float(dist[1].mean()) / float(dist[0].mean())}
     return {"generator": str(folder), "hash": record["hash"], "budget_rms": budget_rms, "groups": rows}
 
 
@@ -326,11 +327,12 @@ def main(argv=None) -> int:
     if args.command == "check":
         result = check(load_backbone(args.model, device=args.device), args.generator, args.budget_rms)
         print(f"{result['generator']} ({result['hash']}), budget RMS {args.budget_rms * 255:.2f}/255")
-        print(f"{'images':<52} {'n':>2} {'PSNR':>6} {'loss clean':>10} {'loss gain':>10} {'to grey: clean':>14} {'protected':>9}")
+        print(f"{'images':<52} {'n':>2} {'PSNR':>6} {'loss clean':>10} {'loss gain':>10} {'to grey: clean':>14} "
+              f"{'protected':>9} {'closer':>7}")
         for label, r in result["groups"].items():
             print(f"{label:<52} {r['images']:>2} {r['psnr']:6.2f} {r['attacker_loss_clean']:10.4f} "
                   f"{r['attacker_loss_gain']:+10.4f} {r['latent_distance_to_grey_clean']:14.4f} "
-                  f"{r['latent_distance_to_grey_protected']:9.4f}")
+                  f"{r['latent_distance_to_grey_protected']:9.4f} {100 * r['latent_closer_to_grey']:6.1f}%")
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
         return 0

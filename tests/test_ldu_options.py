@@ -65,6 +65,8 @@ def test_the_amortised_generator_trains_resumes_and_protects_in_one_pass(tiny, t
         train(tiny, cfg, tmp_path / "b", callback=stop_at_step_3, log=lambda *x: None)  # its step-2 checkpoint stays
     b = train(tiny, cfg, tmp_path / "b", log=lambda *x: None)  # resumed from step 2: the same run
     assert file_hash(a) == file_hash(b)
+    logged = [json.loads(line) for line in (a / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [4] and (a / "loss_curve.png").stat().st_size > 1000  # the loss curve
     with pytest.raises(ValueError, match="another configuration"):
         train(tiny, replace(cfg, lr=1.0), tmp_path / "a", log=lambda *x: None)
     tiny.reset_calls()
@@ -74,17 +76,20 @@ def test_the_amortised_generator_trains_resumes_and_protects_in_one_pass(tiny, t
     assert groups[0]["generator_hash"] == file_hash(a) and r.stats["batch"]["unet_calls"] == 0  # no UNet at all
     zero = protect([rgb(64, 64, seed=6)], tiny, method="ldu_amortised", params={"generator": str(a), "iterations": 0})
     assert zero.stats["images"][0]["rms"] == 0
+    with pytest.raises(ValueError, match=r"no generator ships for the tiny backbone \(shipped: pocket\)"):
+        protect([rgb(64, 64)], tiny, method="ldu_amortised")
     with pytest.raises(ValueError, match="no trained generator"):
         protect([rgb(64, 64)], tiny, method="ldu_amortised", params={"generator": str(tmp_path / "none")})
 
-    from ldu.amortised import check
+
+def test_the_generator_check_sets_unseen_subjects_beside_its_training_distribution(tiny, tmp_path):
+    from ldu.amortised import ShiftGenerator, check, file_hash, save
     from ldu.subjects import SUBJECTS
 
-    from ldu.amortised import ShiftGenerator, save
-
-    gen = ShiftGenerator(tiny.latent_channels, cfg.width, cfg.blocks)
+    gen = ShiftGenerator(tiny.latent_channels, 16, 1)
     torch.nn.init.normal_(gen.out[-1].weight, std=1.0)  # a shift far above the budget: the projection must bind
-    big = save(gen, tmp_path / "big", json.loads((a / "generator.json").read_text()))
+    big = save(gen, tmp_path / "big", {"backbone": tiny.spec, "latent_channels": tiny.latent_channels, "width": 16,
+                                       "blocks": 1, "config": {"images": "pocket-data"}})
     seen = check(tiny, big, budget_rms=4 / 255, n=2)  # the training distribution beside every unseen subject
     assert seen["hash"] == file_hash(big) and len(seen["groups"]) == 1 + len(SUBJECTS)
     for label, g in seen["groups"].items():

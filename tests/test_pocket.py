@@ -59,6 +59,28 @@ def test_the_vae_keeps_identity_colours_and_eyes(pocket):
     assert min(m["chelsea_left_eye_psnr"], m["chelsea_right_eye_psnr"]) >= 20, m
 
 
+def test_the_shipped_generator_protects_unseen_subjects_as_it_does_its_training_images(pocket):
+    """assets/generators/pocket: the cpu preset's run, within 5 MB; on every built-in subject (never in its training
+    data) it pulls the encoded latent toward flat grey's about as much as on images of its training distribution
+    (measured at 8/255: 20-29 % closer on the subjects, 22.6 % on the training distribution; docs/RESULTS.md)."""
+    from dataclasses import asdict
+
+    from ldu.amortised import PRESETS, check
+    from ldu.methods.ldu_amortised import GENERATORS
+
+    folder = GENERATORS / "pocket"
+    assert (folder / "generator.safetensors").stat().st_size <= 5 * 2**20
+    record = json.loads((folder / "generator.json").read_text())
+    assert record["config"] == json.loads(json.dumps(asdict(PRESETS["cpu"])))  # reproducible from the preset
+    result = check(pocket, folder, budget_rms=8 / 255, n=8)
+    seen = next(g for label, g in result["groups"].items() if label.startswith("training"))
+    for label, g in result["groups"].items():
+        assert g["latent_closer_to_grey"] >= 0.15, (label, g)
+        # unseen subjects: within a factor 1.6 of the training distribution's effect, either way
+        assert 1 / 1.6 <= g["latent_closer_to_grey"] / seen["latent_closer_to_grey"] <= 1.6, (label, g, seen)
+        assert 20 * np.log10(255 / 8) - 0.01 <= g["psnr"] < 20 * np.log10(255 / 7), (label, g)
+
+
 @pytest.mark.slow
 @pytest.mark.pins
 def test_ldu_raises_the_attacker_loss_far_beyond_the_draw_noise_of_the_gain(pocket):
