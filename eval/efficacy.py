@@ -133,7 +133,13 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                         k = (name, label)
                         if k not in matched:
                             first = subject_setup(backbone, name, seeds[0], attack, attack_params)
-                            matched[k] = match_psnr(backbone, method, {**params, "seed": seeds[0]}, first.train, target_psnr)
+                            try:
+                                matched[k] = match_psnr(backbone, method, {**params, "seed": seeds[0]}, first.train, target_psnr)
+                            except ValueError as err:  # this method on this subject only: the rest of the run goes on
+                                matched[k] = {"unmatched": str(err)}
+                        if "unmatched" in matched[k]:
+                            log(f"  {label}: skipped on {name}: {matched[k]['unmatched']}")
+                            continue
                         params.update(budget_rms=matched[k]["budget_rms"], linf=matched[k]["linf"])
                         field = "budget_rms"
                     t1 = time.perf_counter()

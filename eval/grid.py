@@ -264,7 +264,8 @@ class Runner:
 
 def match_psnr(backbone, method: str, params: dict, views, target_db: float, tolerance: float = 0.3, max_runs: int = 8) -> dict:
     """The budget that puts the protected views' mean PSNR within `tolerance` dB of `target_db`, by a secant search
-    on log(budget) (PSNR is close to linear in it) from the RMS that would give the target exactly.
+    on log(budget) (PSNR is close to linear in it) from the RMS that would give the target exactly, and a bisection
+    once two budgets bracket the target (a PGD method's PSNR can jump with its budget, and a secant then cycles).
 
     Every method is matched on its RMS budget, with its L-inf cap set to twice it (LDU's own ratio: 8/255 and
     16/255). An L-inf budget alone cannot be matched: the saved residual is rounded toward zero to whole code steps, so
@@ -280,6 +281,16 @@ def match_psnr(backbone, method: str, params: dict, views, target_db: float, tol
         tried.append((math.log(budget), reached))
         if abs(reached - target_db) <= tolerance:
             return {"budget_rms": budget, "linf": min(1.0, 2 * budget), "psnr": reached, "runs": len(tried), "target_psnr": target_db}
+        above = [t for t in tried if t[1] > target_db]  # too little change
+        below = [t for t in tried if t[1] < target_db]  # too much
+        if above and below:  # bracketed: bisect (a PGD method's PSNR can jump with its budget; a secant then cycles)
+            hi = min(t[0] for t in below)  # the smallest budget that changed too much
+            smaller = [t[0] for t in above if t[0] < hi]  # (none when the PSNR is not monotone in the budget)
+            lo = max(smaller) if smaller else min(t[0] for t in above)
+            budget = min(1.0, math.exp((lo + hi) / 2))
+            if any(abs(math.log(budget) - t[0]) < 1e-6 for t in tried):
+                break  # the bracket cannot shrink further
+            continue
         if len(tried) == 1:
             slope = -20 / math.log(10)  # PSNR = -20 log10(rms): d PSNR / d log(budget) when the budget binds fully
         else:
@@ -287,8 +298,11 @@ def match_psnr(backbone, method: str, params: dict, views, target_db: float, tol
             slope = (y1 - y0) / (x1 - x0) if x1 != x0 and y1 != y0 else -20 / math.log(10)
             slope = min(slope, -1.0)  # more budget never makes the PSNR higher; keep the step finite
         budget = min(1.0, math.exp(tried[-1][0] + (target_db - tried[-1][1]) / slope))
-    raise ValueError(f"{method}: no budget within {tolerance} dB of {target_db} dB PSNR after {max_runs} runs "
-                     f"(reached {', '.join(f'{y:.2f}' for _, y in tried)} dB): the method may not spend its budget")
+        if any(abs(math.log(budget) - t[0]) < 1e-6 for t in tried):
+            break  # the same budget again (at the cap, or a method that changes nothing): no run would add anything
+    raise ValueError(f"{method}: no budget within {tolerance} dB of {target_db} dB PSNR after {len(tried)} runs "
+                     f"(reached {', '.join(f'{y:.2f}' for _, y in tried)} dB): its PSNR jumps with its budget, or it "
+                     "does not spend it")
 
 
 def distributed() -> tuple[int, int]:

@@ -257,6 +257,23 @@ def test_match_psnr_lands_within_tolerance(tiny):
     assert abs(found["psnr"] - 42.0) <= 0.3 and found["linf"] == pytest.approx(2 * found["budget_rms"]) and found["runs"] >= 1
 
 
+def test_a_method_whose_psnr_cannot_be_matched_is_skipped_by_name_and_the_run_goes_on(tiny):
+    """A method that never lands at the target (here noise with nothing to add) is reported and skipped on that
+    subject; the other methods' rows are all there (a crash here once lost a whole efficacy run)."""
+    from eval.efficacy import run
+    from eval.grid import match_psnr
+
+    views = [torch.from_numpy(np.array(rgb(64, 64, seed=i))).permute(2, 0, 1).float() / 255 for i in range(2)]
+    with pytest.raises(ValueError, match="noise: no budget within 0.3 dB of 40.0 dB"):
+        match_psnr(tiny, "noise", {"iterations": 0}, views, 40.0, max_runs=3)
+    lines = []
+    report = run(tiny, ["robot"], [0], ["noise+zero", "noise"], "lora_dreambooth", {"steps": 1}, target_psnr=40.0,
+                 method_params={"noise+zero": {"iterations": 0}}, n_gen=2, log=lines.append)
+    assert [r["method"] for r in report["protection"]] == ["noise"] and abs(report["protection"][0]["psnr"] - 40) <= 0.3
+    assert any("noise+zero: skipped on robot: noise: no budget" in line for line in lines), lines
+    assert "unmatched" in report["matched_budgets"]["robot/noise+zero"]
+
+
 def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
     from eval.efficacy import main
 
