@@ -78,14 +78,18 @@ class ShiftGenerator(nn.Module):
         return self.out(self.out_blocks(h + u))
 
 
-def protect_batch(backbone, gen: ShiftGenerator, x: torch.Tensor, budget_rms: float | None, linf: float | None) -> torch.Tensor:
+def protect_batch(backbone, gen: ShiftGenerator, x: torch.Tensor, budget_rms: float | None, linf: float | None,
+                  mode: str = "residual", with_base: bool = False):
     """x [B,3,h,w] in [0,1] -> protected, differentiable in the generator: one encode, one generator pass, one decode
-    (of the shifted and the unshifted latent together)."""
+    (of the shifted and the unshifted latent together). The shift's change of the decoded image, projected on the
+    budget, is added to the photo (residual mode) or to its VAE reconstruction (decode mode: the paper's output
+    form, whose budget holds against the reconstruction). with_base: also return the reconstruction."""
     z0 = backbone.encode(x)
     delta = gen(z0.to(next(gen.parameters()).dtype)).float()
     both = backbone.decode(torch.cat([z0 + delta, z0]))
     shifted, base = both[: x.shape[0]], both[x.shape[0] :]
-    return (x + project(shifted - base, budget_rms, linf)).clamp(0, 1)
+    out = ((x if mode == "residual" else base) + project(shifted - base, budget_rms, linf)).clamp(0, 1)
+    return (out, base.clamp(0, 1)) if with_base else out  # (clamping moves no pixel farther from the clamped base)
 
 
 # ---- a trained generator on disk -----------------------------------------------------------------------------

@@ -98,6 +98,13 @@ def test_the_generator_check_sets_unseen_subjects_beside_its_training_distributi
         assert 20 * math.log10(255 / 4) - 0.01 <= g["psnr"] < 20 * math.log10(255 / 3), g
         assert math.isfinite(g["attacker_loss_gain"]) and g["attacker_loss_gain"] != 0
         assert g["latent_distance_to_grey_clean"] > 0 and math.isfinite(g["latent_distance_to_grey_protected"])
+    # decode mode: the output is the VAE reconstruction plus the shift's change, its budget held against the
+    # reconstruction (tiny's random VAE reconstructs nothing: far from the photo), not projected against the photo
+    params = {"generator": str(big), "budget_rms": 4 / 255}
+    decode = protect([rgb(64, 64, seed=6)], tiny, method="ldu_amortised", params={**params, "mode": "decode"}).stats["images"][0]
+    residual = protect([rgb(64, 64, seed=6)], tiny, method="ldu_amortised", params=params).stats["images"][0]
+    assert decode["budget_rms"] is None and decode["psnr_vs_base_working_size"] >= 20 * math.log10(255 / 4) - 0.01
+    assert decode["psnr"] < 20 and residual["psnr"] >= 20 * math.log10(255 / 4) - 0.01
 
 
 def test_network_timing_accounts_for_forward_and_backward(tiny):

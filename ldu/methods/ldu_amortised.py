@@ -20,10 +20,15 @@ class AmortisedParams(MethodParams):
     generator: str = param("", "folder of a trained generator (default: the one shipped for the backbone, "
                                "assets/generators/<backbone>)")
     iterations: int = param(1, "1: one generator pass; 0: no change (the contract's zero-iteration case)")
+    mode: str = param("residual", "residual (the shift's change added to the photo) or decode (added to its VAE "
+                                  "reconstruction, the paper's output form; the budget holds against the reconstruction)")
 
     def __post_init__(self):
         check_budget(self)
         check(self.iterations in (0, 1), f"iterations must be 0 or 1 (one forward pass), got {self.iterations}")
+        check(self.mode in ("residual", "decode"), f"mode must be 'residual' or 'decode', got {self.mode!r}")
+        check(self.mode == "residual" or self.budget_rms is not None,
+              "decode mode needs budget_rms (measured against the reconstruction)")
 
 
 def generator_folder(backbone, p: AmortisedParams) -> Path:
@@ -45,14 +50,19 @@ def amortised(backbone, x: torch.Tensor, p: AmortisedParams, draws, callback=Non
     from ..amortised import load, protect_batch  # here: `python -m ldu.amortised` must not find itself imported
 
     gen, record = load(generator_folder(backbone, p), backbone)
-    out = protect_batch(backbone, gen, x, p.budget_rms, p.linf)
+    out, base = protect_batch(backbone, gen, x, p.budget_rms, p.linf, mode=p.mode, with_base=True)
     report(callback, {"stage": "ldu_amortised", "step": 1, "total": 1})
-    return out, {"generator": str(generator_folder(backbone, p)), "generator_hash": record["hash"],
+    extra = {}
+    if p.mode == "decode":  # what decode mode's budget is measured against, as per-image LDU reports it
+        mse = (out - base).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        extra["psnr_vs_base"] = (-10 * torch.log10(mse)).tolist()
+    return out, {**extra, "generator": str(generator_folder(backbone, p)), "generator_hash": record["hash"],
                  "generator_backbone_revision": record.get("backbone_revision")}
 
 
 METHOD = Method(
     name="ldu_amortised", params=AmortisedParams, fn=amortised, budget_field="budget_rms",
+    budget=lambda p: (p.budget_rms, p.linf) if p.mode == "residual" else (None, None),  # decode: against the reconstruction
     summary="LDU with the amortised generator: the latent shift in one forward pass (train one: python -m ldu.amortised)",
     cost=lambda p: 0.5 * p.iterations,  # one VAE encode, one generator pass, one decode: no UNet
     effort_field="iterations", effort_max=1,
