@@ -92,7 +92,9 @@ def test_stop_is_neutral_in_the_browser(app_url, tmp_path):
         expect(page.locator("#stop-protect")).to_be_visible(timeout=30_000)
         expect(page.locator("#protect-summary")).to_contain_text("⏳", timeout=60_000)
         page.locator("#stop-protect").click()
-        expect(page.locator("#protect-summary")).to_contain_text("Stopped", timeout=60_000)
+        # the job stops at its next progress report: seconds alone, but over a minute once, in the suite, while the
+        # other worker ran the 50 MP memory test (what this test checks is that the stop is neutral, not how fast)
+        expect(page.locator("#protect-summary")).to_contain_text("Stopped", timeout=180_000)
         expect(page.locator("#stop-protect")).to_be_hidden(timeout=30_000)
         assert page.evaluate(ERRORS) == []
         assert page.locator("#downloads").inner_text().find(".png") < 0  # nothing stale offered
