@@ -416,7 +416,7 @@ def build() -> gr.Blocks:
     subjects = pg.example_subjects()
     examples = [[info["train_paths"]] for info in subjects.values()]
     methods = pg.listed_methods()
-    method_choices = [(f"{m} (fast: one forward pass)" if m == "ldu_amortised" else m, m) for m in methods]
+    method_choices = [(f"{m} (fast: one forward pass)" if get_method(m).effort_max == 1 else m, m) for m in methods]
     first = get_method("ldu")
     p0 = first.make_params(kind)
     attack_names = attacks.listed()
