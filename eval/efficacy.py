@@ -8,6 +8,11 @@
   with `--match-psnr DB` every method's binding budget is set per subject (at seed 0) to land at that PSNR. A
   difference between two methods counts only when every paired subject x seed difference has the same sign.
 - `--sweep 4,8,12,16`: each method at these budgets (/255, its binding budget field): efficacy against PSNR.
+- `--merge a.json,b.json`: one report from runs made apart (other seeds, other methods; no new work). Their rows are
+  paired only if they were paired against the same clean attacks, so the runs must agree on the backbone, attack and
+  matching, and wherever they overlap (a subject x seed's clean attack, a method's matched budget, a row) on the
+  numbers too: the same inputs give the same numbers on one machine, so a difference means they are not the same
+  experiment, and the merge refuses.
 
     python -m eval.efficacy --model pocket --subjects robot,frog,kite --seeds 3 --methods ldu,advdm --match-psnr 32
 """
@@ -162,6 +167,64 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
     return report
 
 
+# what runs must share for their rows to be one experiment
+SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep")
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
+def merge(reports: list[dict], names: list[str] | None = None) -> dict:
+    """One report from several finished runs (other seeds, other methods, or a run cut short and continued).
+
+    Raises ValueError, naming the runs and the difference, where they are not one experiment: a different backbone,
+    attack or matching, or different numbers where they overlap (see the module's docstring)."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    names = names or [f"run {i + 1}" for i in range(len(reports))]
+    first = reports[0]
+    for name, r in zip(names[1:], reports[1:]):
+        for k in SAME:
+            if not _close(r.get(k), first.get(k)):
+                raise ValueError(f"{names[0]} and {name} differ in {k} ({first.get(k)!r} vs {r.get(k)!r}): "
+                                 "they are not one experiment")
+    out = {k: first.get(k) for k in SAME}
+    out.update({"personalization": [], "protection": [], "matched_budgets": {},
+                "merged_from": [{"run": n, "argv": r.get("argv"), "seconds": r.get("seconds")} for n, r in zip(names, reports)],
+                "seconds": sum(r.get("seconds") or 0 for r in reports)})
+    keys = {"personalization": ("subject", "seed"), "protection": ("subject", "seed", "method", "budget")}
+    for part, key in keys.items():
+        seen: dict = {}
+        for name, r in zip(names, reports):
+            for row in r.get(part, []):
+                k = tuple(row.get(x) for x in key)
+                if k not in seen:
+                    seen[k] = (name, row)
+                    out[part].append(row)
+                    continue
+                other, kept = seen[k]
+                varying = {"seconds_attack", "seconds_protect"}  # wall time differs from run to run; numbers do not
+                diff = [f for f in row if f not in varying and not _close(row[f], kept.get(f))]
+                if diff:
+                    what = "the clean attack" if part == "personalization" else f"{row.get('method')}'s row"
+                    raise ValueError(f"{what} for {k[0]} seed {k[1]} differs between {other} and {name} ({diff[0]}: "
+                                     f"{kept.get(diff[0])!r} vs {row[diff[0]]!r}): not the same experiment (other code or "
+                                     "another machine?); re-run one of them with the other's settings")
+    for name, r in zip(names, reports):
+        for k, v in (r.get("matched_budgets") or {}).items():
+            if k in out["matched_budgets"] and not _close(out["matched_budgets"][k], v):
+                raise ValueError(f"{k}'s matched budget differs between the runs ({out['matched_budgets'][k]} vs {v})")
+            out["matched_budgets"].setdefault(k, v)
+    out["subjects"] = list(dict.fromkeys(row["subject"] for row in out["personalization"]))
+    out["seeds"] = sorted({row["seed"] for row in out["personalization"]})
+    return out
+
+
 def _show(v) -> str:
     return "–" if v is None else v if isinstance(v, str) else f"{v:+.3f}"
 
@@ -238,27 +301,35 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
 
 
 def sweep_plot(summary: dict, path: Path) -> None:
-    """Efficacy (share of learning prevented, loss) against PSNR: one curve per method, error bars over seeds."""
+    """Efficacy against PSNR, one panel per share (held-out loss, generations), one curve per method, error bars the
+    spread over subjects x seeds. A share that could not be measured anywhere leaves its panel empty, and says so."""
     import matplotlib  # deferred: plotting is the only user, and it is slow to import
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # deferred, as matplotlib
 
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.subplots()
-    curves: dict = {}
-    for label, e in summary["protection"].items():
-        method = label.split("@")[0]
-        if e["prevented_loss"]["mean"] is not None:
-            curves.setdefault(method, []).append((e["psnr"]["mean"], e["prevented_loss"]["mean"], e["prevented_loss"]["std"]))
-    for method, pts in sorted(curves.items()):
-        pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("PSNR of the protected photos (dB)")
-    ax.set_ylabel("share of learning prevented")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
+    fig = Figure(figsize=(11, 4.2))
+    panels = {"prevented_loss": "held-out loss", "prevented_generation": "generations' likeness"}
+    for ax, (key, title) in zip(fig.subplots(1, 2), panels.items()):
+        curves: dict = {}
+        for label, e in summary["protection"].items():
+            if e[key]["mean"] is not None:
+                curves.setdefault(label.split("@")[0], []).append((e["psnr"]["mean"], e[key]["mean"], e[key]["std"]))
+        for method, pts in sorted(curves.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method)
+        if not curves:
+            ax.text(0.5, 0.5, "unavailable: the attack learned too little to measure", ha="center", transform=ax.transAxes)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"share of learning prevented: {title}")
+        ax.set_xlabel("PSNR of the protected photos (dB)")
+    handles, labels = [], []
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h), labels.append(lab)
+    fig.legend(handles, labels, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -266,7 +337,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.efficacy", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="pocket")
     ap.add_argument("--subjects", default=",".join(SUBJECTS), help=f"comma-separated built-in subjects ({', '.join(SUBJECTS)})")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="how many seeds (0, 1, ...; see --first-seed)")
+    ap.add_argument("--first-seed", type=int, default=0, help="start the seeds here (e.g. --seeds 1 --first-seed 2: "
+                                                                "seed 2 only, to add to a run with --merge)")
     ap.add_argument("--methods", default="ldu", help="comma-separated protection methods, or 'none' (personalization "
                                                       "only); METHOD+NAME is a variant, set with --method-set METHOD+NAME.x=y")
     ap.add_argument("--attack", default=None, help="lora_dreambooth, dreambooth or textual_inversion (default: the "
@@ -277,7 +350,11 @@ def main(argv=None) -> int:
                                                                    "(a budget given with --method-set is kept)")
     ap.add_argument("--sweep", default=None, help="budgets in /255 (comma-separated): efficacy against PSNR")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here (pictures and plots beside it)")
+    ap.add_argument("--merge", default=None, metavar="A.json,B.json",
+                    help="no new work: one report from these runs' --out files (other seeds or methods of one experiment)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_main(args, ap)
     args.attack = args.attack or default_attack(kind_of(args.model))
     subjects = [s for s in args.subjects.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
@@ -298,9 +375,10 @@ def main(argv=None) -> int:
         ap.error(str(err))
     bb = load_backbone(args.model)
     t0 = time.perf_counter()
-    report = run(bb, subjects, list(range(args.seeds)), methods, args.attack, attack_params, args.match_psnr, method_params,
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None)
-    report.update({"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": args.seeds, "attack": args.attack,
+    report.update({"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
                    "attack_params": attack_params, "match_psnr": args.match_psnr, "sweep": budgets,
                    "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else argv})
     summary = summarize(report)
@@ -310,6 +388,28 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         if budgets:
+            sweep_plot(summary, args.out.with_suffix(".png"))
+    return 0
+
+
+def merge_main(args, ap) -> int:
+    paths = [Path(p) for p in args.merge.split(",") if p]
+    try:
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(f"no such run file: {', '.join(missing)}")
+        if len(paths) < 2:
+            raise ValueError("--merge needs at least two run files, comma-separated")
+        report = merge([json.loads(p.read_text()) for p in paths], [str(p) for p in paths])
+    except (ValueError, json.JSONDecodeError) as err:
+        ap.error(str(err))
+    summary = summarize(report)
+    report["summary"] = summary
+    print_summary(summary)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if report.get("sweep"):
             sweep_plot(summary, args.out.with_suffix(".png"))
     return 0
 

@@ -203,6 +203,72 @@ def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny):
     pers = summary["personalization"]
     assert len(pers["gap_closed"]["values"]) == 2 and pers["retrieval_attacked"]["std"] >= 0
     assert summary["protection"]["pid"]["rows"] == 2 and np.isfinite(summary["protection"]["pid"]["psnr"]["mean"])
+    # seed 1 run on its own gives the same numbers, so runs made apart merge into the one above (--merge)
+    from eval.efficacy import merge
+
+    later = run(tiny, ["robot"], [1], ["pid"], "lora_dreambooth", {"steps": 2}, method_params={"pid": {"iterations": 1}},
+                n_gen=2, log=lambda *a: None)
+    merged = merge([{**report, "personalization": report["personalization"][:1], "protection": report["protection"][:1]}, later])
+    def shares(s):
+        return {m: (e["prevented_generation"]["values"], e["psnr"]["values"]) for m, e in s["protection"].items()}
+
+    assert merged["seeds"] == [0, 1] and shares(summarize(merged)) == shares(summary)
+
+
+def _report(rows, pers, attack="dreambooth", matched=None):
+    return {"model": "pocket", "revision": "r", "attack": attack, "attack_params": {}, "match_psnr": 32.0, "sweep": None,
+            "personalization": [{"subject": s, "seed": k, "gap_closed": g, "retrieval_attacked": 0.5, "other_prompts_toward_subject": 1.0,
+                                 "instance_prompt_toward_subject": 1.5, "seconds_attack": 60.0} for s, k, g in pers],
+            "protection": [{"subject": s, "seed": k, "method": m, "budget": 0.02, "prevented_loss": "unavailable: x",
+                            "prevented_generation": v, "psnr": 32.0, "seconds_protect": 1.0} for s, k, m, v in rows],
+            "matched_budgets": matched or {}, "seconds": 10.0, "argv": []}
+
+
+def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_path, capsys):
+    """Rows from runs made apart are pooled (overlaps must agree: the same inputs give the same numbers); runs with
+    another attack, another clean attack or another matched budget where they overlap are refused by name."""
+    from eval.efficacy import main, merge, summarize
+
+    a = _report([("frog", 0, "ldu", 0.1), ("frog", 1, "ldu", 0.3)], [("frog", 0, 0.5), ("frog", 1, 0.6)],
+                matched={"frog/noise": {"budget_rms": 0.028}})
+    b = _report([("frog", 0, "noise", -0.1), ("frog", 2, "ldu", 0.2), ("frog", 2, "noise", 0.0)],
+                [("frog", 0, 0.5), ("frog", 2, 0.4)], matched={"frog/noise": {"budget_rms": 0.028}})
+    b["personalization"][0]["seconds_attack"] = 75.0  # wall time may differ; the numbers may not
+    m = merge([a, b])
+    assert m["seeds"] == [0, 1, 2] and len(m["personalization"]) == 3 and len(m["protection"]) == 5
+    s = summarize(m)
+    assert s["protection"]["ldu"]["prevented_generation"]["mean"] == pytest.approx(0.2)
+    assert s["paired_differences"]["ldu - noise (prevented_generation)"]["n"] == 2  # frog 0 and 2 have both
+    other = _report([], [("frog", 0, 0.5)], attack="lora_dreambooth")
+    with pytest.raises(ValueError, match="differ in attack"):
+        merge([a, other])
+    with pytest.raises(ValueError, match="the clean attack for frog seed 0 differs"):
+        merge([a, _report([], [("frog", 0, 0.55)])])
+    with pytest.raises(ValueError, match="ldu's row for frog seed 1 differs"):
+        merge([a, _report([("frog", 1, "ldu", 0.31)], [])])
+    with pytest.raises(ValueError, match="frog/noise's matched budget differs"):
+        merge([a, _report([], [], matched={"frog/noise": {"budget_rms": 0.03}})])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["seeds"] == [0, 1, 2] and "ldu - noise" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'nope.json'}"])
+    assert err.value.code == 2 and "no such run file" in capsys.readouterr().err
+
+
+def test_sweep_plot_draws_both_shares_and_says_when_one_is_unavailable(tmp_path):
+    from PIL import Image
+
+    from eval.efficacy import summarize, sweep_plot
+
+    rows = [{"subject": "frog", "seed": 0, "method": m, "budget": b / 255, "prevented_loss": "unavailable: x",
+             "prevented_generation": v, "psnr": 40 - b} for m in ("ldu", "noise") for b, v in ((4, 0.1), (8, 0.3))]
+    summary = summarize({"personalization": [], "protection": rows, "sweep": [4 / 255, 8 / 255]})
+    assert set(summary["protection"]) == {"ldu@4.0", "ldu@8.0", "noise@4.0", "noise@8.0"}
+    sweep_plot(summary, tmp_path / "sweep.png")
+    with Image.open(tmp_path / "sweep.png") as im:
+        assert im.width > 1000
 
 
 def test_prevented_share_against_a_hand_computation():
