@@ -35,6 +35,7 @@ from ldu.backbone import kind_of
 from ldu.protect import to_pil
 from ldu.registry import parse_overrides
 from ldu.subjects import SUBJECTS, get_subject, subject_views
+from ldu.version import code_version
 
 from . import experiment
 from .grid import match_psnr
@@ -220,6 +221,7 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             if k in out["matched_budgets"] and not _close(out["matched_budgets"][k], v):
                 raise ValueError(f"{k}'s matched budget differs between the runs ({out['matched_budgets'][k]} vs {v})")
             out["matched_budgets"].setdefault(k, v)
+    out["code"] = list(dict.fromkeys(r.get("code") for r in reports))  # one entry unless the runs' code differed
     out["subjects"] = list(dict.fromkeys(row["subject"] for row in out["personalization"]))
     out["seeds"] = sorted({row["seed"] for row in out["personalization"]})
     return out
@@ -272,7 +274,8 @@ def summarize(report: dict) -> dict:
     return out
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
+def print_summary(summary: dict, file=None) -> None:
+    file = file or sys.stdout  # looked up when called (a default bound at import misses a redirected stdout)
     p = summary.get("personalization")
     if p:
         print("personalization (mean ± std over subjects x seeds):", file=file)
@@ -380,7 +383,8 @@ def main(argv=None) -> int:
                  budgets, pictures=args.out.with_suffix("") if args.out else None)
     report.update({"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
                    "attack_params": attack_params, "match_psnr": args.match_psnr, "sweep": budgets,
-                   "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else argv})
+                   "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else argv,
+                   "code": code_version()})
     summary = summarize(report)
     report["summary"] = summary
     print_summary(summary)
@@ -403,6 +407,9 @@ def merge_main(args, ap) -> int:
         report = merge([json.loads(p.read_text()) for p in paths], [str(p) for p in paths])
     except (ValueError, json.JSONDecodeError) as err:
         ap.error(str(err))
+    if len(report["code"]) > 1:
+        print(f"note: these runs were made with different code ({', '.join(map(str, report['code']))}); where they "
+              "overlap their numbers agree, but a change that touches only the rows that do not overlap would not show")
     summary = summarize(report)
     report["summary"] = summary
     print_summary(summary)

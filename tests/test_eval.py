@@ -248,10 +248,12 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
         merge([a, _report([("frog", 1, "ldu", 0.31)], [])])
     with pytest.raises(ValueError, match="frog/noise's matched budget differs"):
         merge([a, _report([], [], matched={"frog/noise": {"budget_rms": 0.03}})])
-    (tmp_path / "a.json").write_text(json.dumps(a))
-    (tmp_path / "b.json").write_text(json.dumps(b))
+    (tmp_path / "a.json").write_text(json.dumps({**a, "code": "0.1.0+gaaa"}))
+    (tmp_path / "b.json").write_text(json.dumps({**b, "code": "0.1.0+gbbb"}))
     assert main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "m.json")]) == 0
-    assert json.loads((tmp_path / "m.json").read_text())["seeds"] == [0, 1, 2] and "ldu - noise" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["seeds"] == [0, 1, 2] and "ldu - noise" in out
+    assert "made with different code (0.1.0+gaaa, 0.1.0+gbbb)" in out
     with pytest.raises(SystemExit) as err:
         main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'nope.json'}"])
     assert err.value.code == 2 and "no such run file" in capsys.readouterr().err
