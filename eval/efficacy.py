@@ -5,14 +5,15 @@
   of them are nearest to the right subject among all subjects' held-out views, and how much other prompts move.
 - protection: for each method, the share of learning prevented (eval.experiment: loss on held-out views and the
   generations' likeness), mean and spread over subjects x seeds, the paired draw noise beside it, the PSNR it cost;
-  with `--match-psnr DB` every method's binding budget is set per subject (at seed 0) to land at that PSNR. A
+  with `--match-psnr DB` every method's binding budget is set per subject (on seed 0's views) to land at that PSNR. A
   difference between two methods counts only when every paired subject x seed difference has the same sign.
 - `--sweep 4,8,12,16`: each method at these budgets (/255, its binding budget field): efficacy against PSNR.
 - `--merge a.json,b.json`: one report from runs made apart (other seeds, other methods; no new work). Their rows are
   paired only if they were paired against the same clean attacks, so the runs must agree on the backbone, attack and
-  matching, and wherever they overlap (a subject x seed's clean attack, a method's matched budget, a row) on the
-  numbers too: the same inputs give the same numbers on one machine, so a difference means they are not the same
-  experiment, and the merge refuses.
+  matching and method settings, and wherever they overlap (a subject x seed's clean attack, a method's matched
+  budget, a row) on the numbers too: the same inputs give the same numbers on one CPU machine, so a difference means
+  they are not the same experiment, and the merge refuses (on a GPU attacks are not bit-reproducible: merge runs
+  that do not overlap).
 
     python -m eval.efficacy --model pocket --subjects robot,frog,kite --seeds 3 --methods ldu,advdm --match-psnr 32
 """
@@ -41,6 +42,7 @@ from . import experiment
 from .grid import match_psnr
 
 
+MATCH_SEED = 0  # --match-psnr finds each method's budget on this seed's views of each subject
 MIN_PAIRS = 6  # a difference is real only when all of at least this many paired differences share its sign
 
 
@@ -138,9 +140,11 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                         # (a method given its budget explicitly keeps it: e.g. LDU's, too slow to bisect on a CPU)
                         k = (name, label)
                         if k not in matched:
-                            first = subject_setup(backbone, name, seeds[0], attack, attack_params)
+                            # always on seed 0's views, whichever seeds this run has: runs of other seeds merge
+                            first = subject_setup(backbone, name, MATCH_SEED, attack, attack_params)
                             try:
-                                matched[k] = match_psnr(backbone, method, {**params, "seed": seeds[0]}, first.train, target_psnr)
+                                matched[k] = match_psnr(backbone, method, {**params, "seed": MATCH_SEED}, first.train,
+                                                        target_psnr)
                             except ValueError as err:  # this method on this subject only: the rest of the run goes on
                                 matched[k] = {"unmatched": str(err)}
                         if "unmatched" in matched[k]:
@@ -169,7 +173,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 
 # what runs must share for their rows to be one experiment
-SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep")
+SAME = ("model", "revision", "attack", "attack_params", "method_params", "match_psnr", "sweep")
 
 
 def _close(a, b) -> bool:
@@ -189,12 +193,15 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
         raise ValueError("nothing to merge")
     names = names or [f"run {i + 1}" for i in range(len(reports))]
     first = reports[0]
+    def setting(r, k):  # a report from before a setting was recorded holds its default
+        return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
+
     for name, r in zip(names[1:], reports[1:]):
         for k in SAME:
-            if not _close(r.get(k), first.get(k)):
-                raise ValueError(f"{names[0]} and {name} differ in {k} ({first.get(k)!r} vs {r.get(k)!r}): "
+            if not _close(setting(r, k), setting(first, k)):
+                raise ValueError(f"{names[0]} and {name} differ in {k} ({setting(first, k)!r} vs {setting(r, k)!r}): "
                                  "they are not one experiment")
-    out = {k: first.get(k) for k in SAME}
+    out = {k: setting(first, k) for k in SAME}
     out.update({"personalization": [], "protection": [], "matched_budgets": {},
                 "merged_from": [{"run": n, "argv": r.get("argv"), "seconds": r.get("seconds")} for n, r in zip(names, reports)],
                 "seconds": sum(r.get("seconds") or 0 for r in reports)})
@@ -210,12 +217,13 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
                     continue
                 other, kept = seen[k]
                 varying = {"seconds_attack", "seconds_protect"}  # wall time differs from run to run; numbers do not
-                diff = [f for f in row if f not in varying and not _close(row[f], kept.get(f))]
+                diff = [f for f in row.keys() | kept.keys() if f not in varying and not _close(row.get(f), kept.get(f))]
                 if diff:
                     what = "the clean attack" if part == "personalization" else f"{row.get('method')}'s row"
                     raise ValueError(f"{what} for {k[0]} seed {k[1]} differs between {other} and {name} ({diff[0]}: "
-                                     f"{kept.get(diff[0])!r} vs {row[diff[0]]!r}): not the same experiment (other code or "
-                                     "another machine?); re-run one of them with the other's settings")
+                                     f"{kept.get(diff[0])!r} vs {row.get(diff[0])!r}): not the same experiment (other "
+                                     "code, or a GPU, where attacks are not bit-reproducible?); re-run one of them with "
+                                     "the other's settings, or merge runs that do not overlap")
     for name, r in zip(names, reports):
         for k, v in (r.get("matched_budgets") or {}).items():
             if k in out["matched_budgets"] and not _close(out["matched_budgets"][k], v):
@@ -382,7 +390,8 @@ def main(argv=None) -> int:
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None)
     report.update({"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
-                   "attack_params": attack_params, "match_psnr": args.match_psnr, "sweep": budgets,
+                   "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
+                   "sweep": budgets,
                    "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else argv,
                    "code": code_version()})
     summary = summarize(report)

@@ -266,7 +266,8 @@ def protect(images, backbone, method: str = "ldu", params=None, callback=None, b
             if s.gray:  # a single-channel source stays single-channel: perturb its luminance only
                 r = r.mean(0, keepdim=True)
             project_(r, None if rms_budget is None else rms_budget * (1 - 1e-6), linf_budget)
-            out_images[i] = quantise(clean, r, s.maxval, rms_budget, linf_budget, seed=seeds[i])
+            out_images[i] = quantise(clean, r, s.maxval, None if rms_budget is None else rms_budget * (1 - 1e-6),
+                                     linf_budget, seed=seeds[i])  # a hair under: the stats are measured in fp32
             del r
             stats = difference_stats(clean, out_images[i])
             stats["budget_rms"], stats["budget_linf"] = rms_budget, linf_budget
@@ -365,7 +366,9 @@ def quantise(clean: torch.Tensor, r: torch.Tensor, maxval: int, budget_rms: floa
     sit at 6.9 code steps can be saved at RMS 6.9 (truncation gave 6 everywhere: PSNR jumped 1.3 dB per code step,
     and a PSNR between could not be matched). A zero r returns clean bit for bit.
 
-    clean holds exact codes / maxval. r may have one channel (a grey source: the same step on R, G and B). Computed
+    r is expected inside its budgets (`protect` projects it first); one over its RMS budget is truncated, which is
+    all the rounding can do. clean holds exact codes / maxval. r may have one channel (a grey source: the same step
+    on R, G and B). Computed
     in row strips (the dither regenerated from (seed, strip)): a large photo never needs more than its own size again.
     """
     cap = None if linf is None else math.floor(linf * maxval * (1 + 1e-9))  # the most whole steps within linf
@@ -376,8 +379,9 @@ def quantise(clean: torch.Tensor, r: torch.Tensor, maxval: int, budget_rms: floa
         f = (x - t).abs()
         ok = f > 0
         if cap is not None:
+            t = t.clamp(-cap, cap)
             ok &= t.abs() + 1 <= cap
-        g = torch.Generator().manual_seed(hash((int(seed), top)) % 2**63)
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + top) % 2**63)
         u = torch.rand(x.shape, generator=g, dtype=torch.float64)
         return x, t, f - u, ok
 

@@ -246,6 +246,12 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
         merge([a, _report([], [("frog", 0, 0.55)])])
     with pytest.raises(ValueError, match="ldu's row for frog seed 1 differs"):
         merge([a, _report([("frog", 1, "ldu", 0.31)], [])])
+    with pytest.raises(ValueError, match="differ in method_params"):
+        merge([a, {**_report([], []), "method_params": {"ldu": {"iterations": 10}}}])
+    one_sided = _report([("frog", 1, "ldu", 0.3)], [])
+    del one_sided["protection"][0]["psnr"]
+    with pytest.raises(ValueError, match="ldu's row for frog seed 1 differs .*psnr"):
+        merge([a, one_sided])
     with pytest.raises(ValueError, match="frog/noise's matched budget differs"):
         merge([a, _report([], [], matched={"frog/noise": {"budget_rms": 0.03}})])
     (tmp_path / "a.json").write_text(json.dumps({**a, "code": "0.1.0+gaaa"}))

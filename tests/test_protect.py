@@ -175,11 +175,16 @@ def test_quantise_spends_the_budget_smoothly_and_never_exceeds_it():
     def steps(out):  # in whole code steps
         return (out.double() * 255).round() - (clean.double() * 255).round()
 
-    for k in (6.0, 6.3, 6.87, 7.0):
+    for k in (5.9, 6.3, 6.87, 6.99):
         d = steps(quantise(clean, sign * k / 255, 255, budget_rms=k / 255, linf=2 * k / 255, seed=1))
         assert k - 0.01 < float(d.pow(2).mean().sqrt()) <= k and float(d.abs().max()) <= 7, k
     capped = steps(quantise(clean, sign * 6.87 / 255, 255, budget_rms=6.87 / 255, linf=6.87 / 255, seed=1))
     assert float(capped.abs().max()) == 6  # the L-inf cap keeps every step at 6
+    whole = steps(quantise(clean, sign * 6.5 / 255, 255, budget_rms=6.5 / 255, linf=7 / 255, seed=1))
+    assert float(whole.abs().max()) == 7  # an L-inf of exactly 7 code steps allows 7
+    edge = torch.where(sign > 0, torch.ones_like(clean), torch.zeros_like(clean))  # every step pushes past 0 or 255
+    e = (quantise(edge, sign * 6.5 / 255, 255, budget_rms=6.5 / 255, linf=13 / 255, seed=1).double() * 255).round()
+    assert torch.equal(e, (edge.double() * 255).round())  # kept inside [0, 1]: nothing can move
     small = torch.full((3, 40, 300), 0.3 / 255)
     mean_step = float(steps(quantise(clean, small, 255, seed=2)).mean())
     assert abs(mean_step - 0.3) < 0.02  # stochastic rounding: E[step] = r (truncation saved 0)
