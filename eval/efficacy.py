@@ -109,10 +109,15 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
-        pictures: Path | None = None, log=print, n_gen: int = 8) -> dict:
-    """Every subject x seed x method (x budget), paired against one clean attack per subject and seed."""
+        pictures: Path | None = None, log=print, n_gen: int = 8, save=None) -> dict:
+    """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
+    given, is called with the report so far after every row (a run stopped after hours keeps what it measured)."""
     report: dict = {"personalization": [], "protection": []}
     matched: dict = {}
+
+    def checkpoint():
+        if save is not None:
+            save({**report, "matched_budgets": {f"{k[0]}/{k[1]}": v for k, v in matched.items()}})
     for name in subjects:
         for seed in seeds:
             setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed))
@@ -121,6 +126,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
             base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train)
             row = {"subject": name, "seed": seed, **personalization_row(base, clean)}
             report["personalization"].append(row)
+            checkpoint()
             log(f"{name} seed {seed}: gap closed {row['gap_closed']:.2f}, retrieval {row['retrieval_attacked']:.2f} "
                 f"(base {row['retrieval_base']:.2f}), {time.perf_counter() - t0:.0f} s")
             if pictures is not None and seed == seeds[0]:
@@ -165,6 +171,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                            "post_attack_loss_protected_attack": prot.measures["post_attack_loss"],
                            "attacker_loss_gain": statistics.fmean(s["attacker_loss_protected"] - s["attacker_loss_clean"] for s in stats)}
                     report["protection"].append(row)
+                    checkpoint()
                     log(f"  {label}{'' if budget is None else f' @{budget * 255:.1f}/255'}: PSNR {row['psnr']:.2f}, prevented "
                         f"loss {_show(r['prevented_loss'])} (noise {_show(r.get('prevented_loss_noise'))}), generation "
                         f"{_show(r['prevented_generation'])}, {seconds:.0f} s")
@@ -360,7 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--match-psnr", type=float, default=None, help="set each method's binding budget to land at this PSNR "
                                                                    "(a budget given with --method-set is kept)")
     ap.add_argument("--sweep", default=None, help="budgets in /255 (comma-separated): efficacy against PSNR")
-    ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here (pictures and plots beside it)")
+    ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here, after every row ('partial': "
+                                                           "true until the run ends; pictures and plots beside it)")
     ap.add_argument("--merge", default=None, metavar="A.json,B.json",
                     help="no new work: one report from these runs' --out files (other seeds or methods of one experiment)")
     args = ap.parse_args(argv)
@@ -387,19 +395,26 @@ def main(argv=None) -> int:
     bb = load_backbone(args.model)
     t0 = time.perf_counter()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    meta = {"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
+            "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
+            "sweep": budgets, "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
+
+    def write(report: dict, partial: bool):  # whole or not at all: a temporary file renamed over the last one
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps({**report, **meta, "seconds": time.perf_counter() - t0, "partial": partial},
+                                  indent=2, default=str) + "\n")
+        tmp.replace(args.out)
+
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
-                 budgets, pictures=args.out.with_suffix("") if args.out else None)
-    report.update({"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
-                   "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
-                   "sweep": budgets,
-                   "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else argv,
-                   "code": code_version()})
+                 budgets, pictures=args.out.with_suffix("") if args.out else None,
+                 save=(lambda r: write(r, partial=True)) if args.out else None)
+    report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary
     print_summary(summary)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write(report, partial=False)
         if budgets:
             sweep_plot(summary, args.out.with_suffix(".png"))
     return 0

@@ -195,9 +195,12 @@ def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny):
     """eval.efficacy on tiny (numbers meaningless there): rows per subject x seed, summaries with spreads."""
     from eval.efficacy import run, summarize
 
+    saved = []
     report = run(tiny, ["robot"], [0, 1], ["pid"], "lora_dreambooth", {"steps": 2}, method_params={"pid": {"iterations": 1}},
-                 n_gen=2, log=lambda *a: None)
+                 n_gen=2, log=lambda *a: None, save=saved.append)
     assert [(r["subject"], r["seed"]) for r in report["personalization"]] == [("robot", 0), ("robot", 1)]
+    # saved after every row: a run stopped midway keeps what it measured
+    assert [(len(s["personalization"]), len(s["protection"])) for s in saved] == [(1, 0), (1, 1), (2, 1), (2, 2)]
     assert len(report["protection"]) == 2 and all(r["linf_255"] <= 8 + 1e-4 for r in report["protection"])
     summary = summarize(report)
     pers = summary["personalization"]
