@@ -117,7 +117,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
     def checkpoint():
         if save is not None:
-            save({**report, "matched_budgets": {f"{k[0]}/{k[1]}": v for k, v in matched.items()}})
+            save({"personalization": list(report["personalization"]), "protection": list(report["protection"]),
+                  "matched_budgets": {f"{k[0]}/{k[1]}": v for k, v in matched.items()}})  # as it stands now
     for name in subjects:
         for seed in seeds:
             setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed))
@@ -200,6 +201,7 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
         raise ValueError("nothing to merge")
     names = names or [f"run {i + 1}" for i in range(len(reports))]
     first = reports[0]
+
     def setting(r, k):  # a report from before a setting was recorded holds its default
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
@@ -237,6 +239,7 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
                 raise ValueError(f"{k}'s matched budget differs between the runs ({out['matched_budgets'][k]} vs {v})")
             out["matched_budgets"].setdefault(k, v)
     out["code"] = list(dict.fromkeys(r.get("code") for r in reports))  # one entry unless the runs' code differed
+    out["partial"] = any(r.get("partial") for r in reports)  # a run stopped midway stays marked
     out["subjects"] = list(dict.fromkeys(row["subject"] for row in out["personalization"]))
     out["seeds"] = sorted({row["seed"] for row in out["personalization"]})
     return out

@@ -368,8 +368,8 @@ def quantise(clean: torch.Tensor, r: torch.Tensor, maxval: int, budget_rms: floa
 
     r is expected inside its budgets (`protect` projects it first); one over its RMS budget is truncated, which is
     all the rounding can do. clean holds exact codes / maxval. r may have one channel (a grey source: the same step
-    on R, G and B). Computed
-    in row strips (the dither regenerated from (seed, strip)): a large photo never needs more than its own size again.
+    on R, G and B). Computed in row strips (the dither regenerated from (seed, strip)): a large photo never needs
+    more than its own size again.
     """
     cap = None if linf is None else math.floor(linf * maxval * (1 + 1e-9))  # the most whole steps within linf
 
