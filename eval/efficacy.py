@@ -402,12 +402,8 @@ def main(argv=None) -> int:
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
             "sweep": budgets, "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
 
-    def write(report: dict, partial: bool):  # whole or not at all: a temporary file renamed over the last one
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps({**report, **meta, "seconds": time.perf_counter() - t0, "partial": partial},
-                                  indent=2, default=str) + "\n")
-        tmp.replace(args.out)
+    def write(report: dict, partial: bool):
+        write_json(args.out, {**report, **meta, "seconds": time.perf_counter() - t0, "partial": partial})
 
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
@@ -421,6 +417,14 @@ def main(argv=None) -> int:
         if budgets:
             sweep_plot(summary, args.out.with_suffix(".png"))
     return 0
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a temporary file renamed over the last one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 def merge_main(args, ap) -> int:
@@ -441,8 +445,7 @@ def merge_main(args, ap) -> int:
     report["summary"] = summary
     print_summary(summary)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(args.out, report)
         if report.get("sweep"):
             sweep_plot(summary, args.out.with_suffix(".png"))
     return 0
