@@ -111,6 +111,29 @@ def resize(images, p: ResizeParams, backbone=None, callback=None):
 
 
 @dataclass
+class PostingParams:
+    factor: float = param(0.75, "downscale factor before scaling back up (bicubic, antialiased)")
+    quality: int = param(75, "then JPEG at this quality (Pillow, 4:2:0 chroma subsampling)")
+
+    def __post_init__(self):
+        check(0 < self.factor < 1, f"factor must be in (0, 1), got {self.factor}")
+        check(1 <= self.quality <= 100, f"quality must be 1..100, got {self.quality}")
+
+
+def posting(images, p: PostingParams, backbone=None, callback=None):
+    """What a social network does to an upload (the protocol's 'JPEG 75 + 0.75x resize'): a smaller copy (bicubic,
+    antialiased) saved as JPEG; the attacker scales it back to the input's size (bicubic) to train at its resolution."""
+    out = []
+    for x in images:
+        h, w = x.shape[-2:]
+        small = F.interpolate(x[None], size=(max(1, round(h * p.factor)), max(1, round(w * p.factor))), mode="bicubic",
+                              antialias=True, align_corners=False)[0]
+        small = jpeg([small.clamp(0, 1)], JPEGParams(quality=p.quality))[0]
+        out.append(F.interpolate(small[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1))
+    return out
+
+
+@dataclass
 class NoiseParams:
     sigma: float = param(8 / 255, "Gaussian noise std in [0,1] pixels")
     seed: int = param(0, "noise seed")
@@ -273,6 +296,8 @@ for _p in (
     Purification(name="jpeg", params=JPEGParams, fn=jpeg, summary="JPEG re-encoding at a quality"),
     Purification(name="gaussian_blur", params=BlurParams, fn=gaussian_blur, summary="Gaussian blur"),
     Purification(name="resize", params=ResizeParams, fn=resize, summary="downscale then upscale back"),
+    Purification(name="posting", params=PostingParams, fn=posting,
+                 summary="what posting does: downscale (and back up), then JPEG"),
     Purification(name="gaussian_noise", params=NoiseParams, fn=gaussian_noise, summary="additive Gaussian noise"),
     Purification(name="diffpure", params=DiffPureParams, fn=diffpure, needs_backbone=True,
                  summary="DiffPure/SDEdit: noise the latents to t, DDIM-denoise with the backbone",

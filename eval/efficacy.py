@@ -8,6 +8,11 @@
   with `--match-psnr DB` every method's binding budget is set per subject (on seed 0's views) to land at that PSNR. A
   difference between two methods counts only when every paired subject x seed difference has the same sign.
 - `--sweep 4,8,12,16`: each method at these budgets (/255, its binding budget field): efficacy against PSNR.
+- `--purify posting` (or any purification, `--purify-set k=v`): the attacker runs it on every set it trains on,
+  the clean views included, so the share is against the attack on the purified clean views (posting is done to
+  every upload, protected or not). Budgets are still matched on the images as uploaded.
+- `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone, method settings and target)
+  instead of searching again: the protected images are then that run's, row for row.
 - `--merge a.json,b.json`: one report from runs made apart (other seeds, other methods; no new work). Their rows are
   paired only if they were paired against the same clean attacks, so the runs must agree on the backbone, attack and
   matching and method settings, and wherever they overlap (a subject x seed's clean attack, a method's matched
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from attacks import default_attack, get_attack
+from attacks import default_attack, get_attack, get_purification
 from ldu import get_method, load_backbone, protect
 from ldu.backbone import kind_of
 from ldu.protect import to_pil
@@ -109,11 +114,14 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
-        pictures: Path | None = None, log=print, n_gen: int = 8, save=None) -> dict:
+        pictures: Path | None = None, log=print, n_gen: int = 8, save=None, purification: tuple[str, dict] | None = None,
+        matched: dict | None = None) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
-    given, is called with the report so far after every row (a run stopped after hours keeps what it measured)."""
+    given, is called with the report so far after every row (a run stopped after hours keeps what it measured).
+    `purification` (name, params): the attacker purifies every set before training (the clean views too).
+    `matched`: budgets already found, {"subject/label": {...}} as a report's "matched_budgets" holds them."""
     report: dict = {"personalization": [], "protection": []}
-    matched: dict = {}
+    matched = {tuple(k.split("/", 1)): v for k, v in (matched or {}).items()}
 
     def checkpoint():
         if save is not None:
@@ -124,7 +132,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
             setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed))
             t0 = time.perf_counter()
             # the base and clean sides once per subject and seed, paired with every method's protected side
-            base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train)
+            base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train,
+                                                                                           purification=purification)
             row = {"subject": name, "seed": seed, **personalization_row(base, clean)}
             report["personalization"].append(row)
             checkpoint()
@@ -162,7 +171,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                     t1 = time.perf_counter()
                     result = protect(setup.train, backbone, method=method, params=params)
                     seconds = time.perf_counter() - t1
-                    prot = experiment.attack_side(backbone, setup, result.images)
+                    prot = experiment.attack_side(backbone, setup, result.images, purification=purification)
                     r = experiment.compare(base.measures, clean.measures, prot.measures)
                     stats = result.stats["images"]
                     row = {"subject": name, "seed": seed, "method": label, "budget_field": field, "budget": params.get(field),
@@ -181,7 +190,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 
 # what runs must share for their rows to be one experiment
-SAME = ("model", "revision", "attack", "attack_params", "method_params", "match_psnr", "sweep")
+SAME = ("model", "revision", "attack", "attack_params", "method_params", "match_psnr", "sweep", "purification")
 
 
 def _close(a, b) -> bool:
@@ -370,6 +379,11 @@ def main(argv=None) -> int:
     ap.add_argument("--match-psnr", type=float, default=None, help="set each method's binding budget to land at this PSNR "
                                                                    "(a budget given with --method-set is kept)")
     ap.add_argument("--sweep", default=None, help="budgets in /255 (comma-separated): efficacy against PSNR")
+    ap.add_argument("--purify", default=None, metavar="NAME", help="the attacker purifies every set it trains on first "
+                                                                     "(the clean views too), e.g. posting, diffpure")
+    ap.add_argument("--purify-set", action="append", default=[], metavar="NAME=VALUE", help="a purification parameter")
+    ap.add_argument("--budgets-from", type=Path, default=None, metavar="RUN.json",
+                    help="with --match-psnr: reuse that run's matched budgets (same backbone, method settings, target)")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here, after every row ('partial': "
                                                            "true until the run ends; pictures and plots beside it)")
     ap.add_argument("--merge", default=None, metavar="A.json,B.json",
@@ -393,21 +407,34 @@ def main(argv=None) -> int:
             method_params.setdefault(label, {}).update(parse_overrides([rest], get_method(label.split("+")[0]).params,
                                                                        flag="--method-set "))
         budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
+        purification = None
+        if args.purify:
+            purification = (args.purify, parse_overrides(args.purify_set, get_purification(args.purify).params,
+                                                          flag="--purify-set "))
+        elif args.purify_set:
+            raise ValueError("--purify-set needs --purify NAME")
     except ValueError as err:
         ap.error(str(err))
     bb = load_backbone(args.model)
+    matched = None
+    if args.budgets_from:
+        try:
+            matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr)
+        except ValueError as err:
+            ap.error(str(err))
     t0 = time.perf_counter()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     meta = {"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
-            "sweep": budgets, "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
+            "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
+            "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
 
     def write(report: dict, partial: bool):
         write_json(args.out, {**report, **meta, "seconds": time.perf_counter() - t0, "partial": partial})
 
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
-                 save=(lambda r: write(r, partial=True)) if args.out else None)
+                 save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched)
     report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary
@@ -417,6 +444,20 @@ def main(argv=None) -> int:
         if budgets:
             sweep_plot(summary, args.out.with_suffix(".png"))
     return 0
+
+
+def budgets_from(path: Path, bb, method_params: dict, target: float | None) -> dict:
+    """An earlier run's matched budgets, if that run matched the same methods on the same backbone to the same PSNR."""
+    if target is None:
+        raise ValueError("--budgets-from needs --match-psnr (the target the budgets were matched to)")
+    if not path.is_file():
+        raise ValueError(f"--budgets-from: no such run file: {path}")
+    r = json.loads(path.read_text())
+    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("method_params", method_params)):
+        if not _close(r.get(k) or ({} if k == "method_params" else None), ours):
+            raise ValueError(f"--budgets-from {path}: its {k} is {r.get(k)!r}, this run's {ours!r}: its budgets would "
+                             "not land at this run's PSNR")
+    return {k: v for k, v in (r.get("matched_budgets") or {}).items() if "unmatched" not in v}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -351,6 +351,40 @@ def test_a_method_whose_psnr_cannot_be_matched_is_skipped_by_name_and_the_run_go
     assert "unmatched" in report["matched_budgets"]["robot/noise+zero"]
 
 
+def test_purify_makes_the_attacker_purify_every_set_and_budgets_from_reuses_a_runs_budgets(tiny, monkeypatch, tmp_path,
+                                                                                         capsys):
+    """--purify: the clean views and the protected ones are both purified before the attack trains on them (the
+    share is against the attack on the purified clean views); --budgets-from: no new search, that run's budgets."""
+    import eval.efficacy as ef
+    import eval.experiment as ex
+    from attacks import purify
+
+    seen = []
+    real_train = ex.train
+    monkeypatch.setattr(ex, "train", lambda bb, images, *a, **k: (seen.append([x.clone() for x in images]),
+                                                                  real_train(bb, images, *a, **k))[1])
+    monkeypatch.setattr(ef, "match_psnr", lambda *a, **k: pytest.fail("matched again despite the given budgets"))
+    given = {"robot/noise": {"budget_rms": 4 / 255, "linf": 16 / 255}}
+    report = ef.run(tiny, ["robot"], [0], ["noise"], "lora_dreambooth", {"steps": 1}, target_psnr=35.0, n_gen=2,
+                    log=lambda *a: None, purification=("posting", {"quality": 75, "factor": 0.75}), matched=given)
+    setup = ef.subject_setup(tiny, "robot", 0, "lora_dreambooth", {"steps": 1})
+    clean_seen, protected_seen = seen
+    assert all(torch.equal(a, b) for a, b in zip(clean_seen, purify(setup.train, "posting")))
+    protected = ef.protect(setup.train, tiny, method="noise", params={"seed": 0, "budget_rms": 4 / 255, "linf": 16 / 255,
+                                                                       "prompt": "a photo of sks robot"}).images
+    assert all(torch.equal(a, b) for a, b in zip(protected_seen, purify(protected, "posting")))
+    assert report["matched_budgets"] == given and report["protection"][0]["budget"] == pytest.approx(4 / 255)
+    # the CLI: a run file matched to another target is refused before any work, and so is --purify-set alone
+    (tmp_path / "r.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 32.0,
+                                                 "method_params": {}, "matched_budgets": given}))
+    for argv, why in ((["--budgets-from", str(tmp_path / "r.json"), "--match-psnr", "35"], "its match_psnr is 32.0"),
+                      (["--purify-set", "quality=50"], "--purify-set needs --purify"),
+                      (["--purify", "posting", "--purify-set", "qualty=50"], "qualty")):
+        with pytest.raises(SystemExit) as err:
+            ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "noise", *argv])
+        assert err.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
     from eval.efficacy import main
 

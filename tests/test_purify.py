@@ -32,6 +32,27 @@ def test_jpeg_quality_orders_the_damage(images):
     assert err[30] > err[95] > 0
 
 
+def test_posting_is_a_smaller_jpeg_scaled_back(images):
+    """posting = downscale, JPEG at the small size, scale back: by hand with Pillow's codec, and worse than either
+    step alone."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    x = images[0]
+    small = torch.nn.functional.interpolate(x[None], size=(52, 68), mode="bicubic", antialias=True, align_corners=False)[0]
+    buf = io.BytesIO()
+    Image.fromarray((small.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=75)
+    decoded = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    expected = torch.nn.functional.interpolate(decoded[None], size=(70, 90), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    got = purify([x], "posting")[0]
+    assert torch.allclose(got, expected, atol=1e-6)
+    err = {n: float((purify([x], n, p)[0] - x).abs().mean())
+           for n, p in (("posting", {"quality": 75, "factor": 0.75}), ("jpeg", {"quality": 75}), ("resize", {"factor": 0.75}))}
+    assert err["posting"] > max(err["jpeg"], err["resize"])
+
+
 def test_noisy_upscale_without_a_model_says_what_is_missing(images):
     with pytest.raises(PurificationUnavailable, match="needs an upscaler model"):
         purify(images, "noisy_upscale")
