@@ -12,11 +12,12 @@ from ldu.protect import to_working
 
 @torch.no_grad()
 def survives_posting(backbone, clean, protected, prompt: str, quality: int = 85, scale: float = 0.75, seed: int = 0) -> dict:
-    """Attacker loss (16 fixed draws) on clean and protected photos, before and after JPEG(quality) + resize(scale);
+    """Attacker loss (16 fixed draws) on clean and protected photos, before and after posting (a `scale` copy saved as
+    JPEG at `quality`, scaled back up);
     `kept` is the share of the protected-minus-clean gain left after posting (NaN when there was no gain)."""
 
-    def posted(images):
-        return purify(purify(images, "resize", {"factor": scale}), "jpeg", {"quality": quality})
+    def posted(images):  # the `posting` purification: a smaller copy saved as JPEG, scaled back up
+        return purify(images, "posting", {"factor": scale, "quality": quality})
 
     cond = backbone.encode_prompt(prompt)
     draws = make_draws(16, len(clean), backbone.latent_shape(), backbone.num_train_timesteps, seed=seed + 4242)

@@ -11,8 +11,8 @@
 - `--purify posting` (or any purification, `--purify-set k=v`): the attacker runs it on every set it trains on,
   the clean views included, so the share is against the attack on the purified clean views (posting is done to
   every upload, protected or not). Budgets are still matched on the images as uploaded.
-- `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone, method settings and target)
-  instead of searching again: the protected images are then that run's, row for row.
+- `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone and target; for each method
+  label with the same parameters) instead of searching again: the protected images are then that run's.
 - `--merge a.json,b.json`: one report from runs made apart (other seeds, other methods; no new work). Their rows are
   paired only if they were paired against the same clean attacks, so the runs must agree on the backbone, attack and
   matching and method settings, and wherever they overlap (a subject x seed's clean attack, a method's matched
@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -189,8 +190,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
     return report
 
 
-# what runs must share for their rows to be one experiment
-SAME = ("model", "revision", "attack", "attack_params", "method_params", "match_psnr", "sweep", "purification")
+# what runs must share for their rows to be one experiment (and each method label's parameters, where both have its rows)
+SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification")
 
 
 def _close(a, b) -> bool:
@@ -219,7 +220,17 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             if not _close(setting(r, k), setting(first, k)):
                 raise ValueError(f"{names[0]} and {name} differ in {k} ({setting(first, k)!r} vs {setting(r, k)!r}): "
                                  "they are not one experiment")
+    # a method label's parameters must agree between runs that both have its rows; a variant only one run has keeps its own
+    params: dict = {}
+    for name, r in zip(names, reports):
+        for label in dict.fromkeys(row["method"] for row in r.get("protection", [])):
+            mine = setting(r, "method_params").get(label, {})
+            if label in params and not _close(params[label][1], mine):
+                raise ValueError(f"{params[label][0]} and {name} differ in method_params of {label} ({params[label][1]!r} "
+                                 f"vs {mine!r}): they are not one experiment")
+            params.setdefault(label, (name, mine))
     out = {k: setting(first, k) for k in SAME}
+    out["method_params"] = {label: p for label, (_, p) in params.items() if p}
     out.update({"personalization": [], "protection": [], "matched_budgets": {},
                 "merged_from": [{"run": n, "argv": r.get("argv"), "seconds": r.get("seconds")} for n, r in zip(names, reports)],
                 "seconds": sum(r.get("seconds") or 0 for r in reports)})
@@ -279,7 +290,8 @@ def summarize(report: dict) -> dict:
                   "rms_255", "seconds_protect", "loss_difference", "attacker_loss_gain"):
             entry[k] = spread([r.get(k) for r in rs])
         out["protection"][label] = entry
-    labels = sorted({(r["method"], r["budget"] if report.get("sweep") else None) for r in rows}, key=str)
+    # in the run's order (its first method first: "ldu - noise", as the run was asked), not alphabetically
+    labels = list(dict.fromkeys((r["method"], r["budget"] if report.get("sweep") else None) for r in rows))
     agree = {}
     for i, (a, budget_a) in enumerate(labels):
         for b, budget_b in labels[i + 1 :]:
@@ -408,9 +420,10 @@ def main(argv=None) -> int:
                                                                        flag="--method-set "))
         budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
         purification = None
-        if args.purify:
-            purification = (args.purify, parse_overrides(args.purify_set, get_purification(args.purify).params,
-                                                          flag="--purify-set "))
+        if args.purify:  # every parameter resolved (the backbone kind's defaults too), so the report says what ran
+            entry = get_purification(args.purify)
+            purification = (args.purify, dataclasses.asdict(entry.make_params(
+                kind_of(args.model), **parse_overrides(args.purify_set, entry.params, flag="--purify-set "))))
         elif args.purify_set:
             raise ValueError("--purify-set needs --purify NAME")
     except ValueError as err:
@@ -447,17 +460,20 @@ def main(argv=None) -> int:
 
 
 def budgets_from(path: Path, bb, method_params: dict, target: float | None) -> dict:
-    """An earlier run's matched budgets, if that run matched the same methods on the same backbone to the same PSNR."""
+    """An earlier run's matched budgets, if that run matched on the same backbone to the same PSNR: those of the method
+    labels whose parameters are this run's (another variant's budget is found anew)."""
     if target is None:
         raise ValueError("--budgets-from needs --match-psnr (the target the budgets were matched to)")
     if not path.is_file():
         raise ValueError(f"--budgets-from: no such run file: {path}")
     r = json.loads(path.read_text())
-    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("method_params", method_params)):
-        if not _close(r.get(k) or ({} if k == "method_params" else None), ours):
+    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target)):
+        if not _close(r.get(k), ours):
             raise ValueError(f"--budgets-from {path}: its {k} is {r.get(k)!r}, this run's {ours!r}: its budgets would "
                              "not land at this run's PSNR")
-    return {k: v for k, v in (r.get("matched_budgets") or {}).items() if "unmatched" not in v}
+    theirs = r.get("method_params") or {}
+    return {k: v for k, v in (r.get("matched_budgets") or {}).items() if "unmatched" not in v
+            and _close(theirs.get(k.split("/", 1)[1], {}), method_params.get(k.split("/", 1)[1], {}))}
 
 
 def write_json(path: Path, data: dict) -> None:

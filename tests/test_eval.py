@@ -242,6 +242,10 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
     s = summarize(m)
     assert s["protection"]["ldu"]["prevented_generation"]["mean"] == pytest.approx(0.2)
     assert s["paired_differences"]["ldu - noise (prevented_generation)"]["n"] == 2  # frog 0 and 2 have both
+    # pairs are named in the run's method order (an alphabetical "advdm - pid" once had its sign copied the wrong way)
+    order = summarize(_report([("frog", k, m, v) for k in range(6) for m, v in (("pid", 0.3), ("advdm", 0.1))], []))
+    assert order["paired_differences"]["pid - advdm (prevented_generation)"]["mean"] == pytest.approx(0.2)
+    assert order["paired_differences"]["pid - advdm (prevented_generation)"]["positive"] == 6
     other = _report([], [("frog", 0, 0.5)], attack="lora_dreambooth")
     with pytest.raises(ValueError, match="differ in attack"):
         merge([a, other])
@@ -249,8 +253,12 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
         merge([a, _report([], [("frog", 0, 0.55)])])
     with pytest.raises(ValueError, match="ldu's row for frog seed 1 differs"):
         merge([a, _report([("frog", 1, "ldu", 0.31)], [])])
-    with pytest.raises(ValueError, match="differ in method_params"):
-        merge([a, {**_report([], []), "method_params": {"ldu": {"iterations": 10}}}])
+    with pytest.raises(ValueError, match="differ in method_params of ldu"):
+        merge([a, {**_report([("frog", 2, "ldu", 0.2)], []), "method_params": {"ldu": {"iterations": 10}}}])
+    # a variant only one run has keeps its own parameters: both runs' rows pair against the same clean attacks
+    variant = {**_report([("frog", 0, "ldu+post", 0.4)], [("frog", 0, 0.5)]), "method_params": {"ldu+post": {"posting": True}}}
+    both = merge([a, variant])
+    assert both["method_params"] == {"ldu+post": {"posting": True}} and len(both["protection"]) == 3
     one_sided = _report([("frog", 1, "ldu", 0.3)], [])
     del one_sided["protection"][0]["psnr"]
     with pytest.raises(ValueError, match="ldu's row for frog seed 1 differs .*psnr"):
@@ -374,6 +382,12 @@ def test_purify_makes_the_attacker_purify_every_set_and_budgets_from_reuses_a_ru
                                                                        "prompt": "a photo of sks robot"}).images
     assert all(torch.equal(a, b) for a, b in zip(protected_seen, purify(protected, "posting")))
     assert report["matched_budgets"] == given and report["protection"][0]["budget"] == pytest.approx(4 / 255)
+    # only the budgets of labels whose parameters agree are taken
+    (tmp_path / "v.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 35.0,
+                                                 "method_params": {"noise+x": {"linf": 0.1}},
+                                                 "matched_budgets": {**given, "robot/noise+x": {"budget_rms": 0.01}}}))
+    assert ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0) == given
+    assert ef.budgets_from(tmp_path / "v.json", tiny, {"noise": {"iterations": 0}}, 35.0) == {}
     # the CLI: a run file matched to another target is refused before any work, and so is --purify-set alone
     (tmp_path / "r.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 32.0,
                                                  "method_params": {}, "matched_budgets": given}))
