@@ -12,7 +12,8 @@
   the clean views included, so the share is against the attack on the purified clean views (posting is done to
   every upload, protected or not). Budgets are still matched on the images as uploaded.
 - `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone and target; for each method
-  label with the same parameters) instead of searching again: the protected images are then that run's.
+  label with the same parameters) instead of searching again: the same budgets (and, with the same code, the same
+  protected images).
 - `--merge a.json,b.json`: one report from runs made apart (other seeds, other methods; no new work). Their rows are
   paired only if they were paired against the same clean attacks, so the runs must agree on the backbone, attack and
   matching and method settings, and wherever they overlap (a subject x seed's clean attack, a method's matched
