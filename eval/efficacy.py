@@ -214,6 +214,9 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
     first = reports[0]
 
     def setting(r, k):  # a report from before a setting was recorded holds its default
+        if k == "purification" and r.get(k):  # every parameter resolved (early runs recorded only those given)
+            entry = get_purification(r[k]["name"])
+            return {"name": entry.name, "params": dataclasses.asdict(entry.make_params(kind_of(r["model"]), **r[k]["params"]))}
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):
@@ -433,7 +436,7 @@ def main(argv=None) -> int:
     matched = None
     if args.budgets_from:
         try:
-            matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr)
+            matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr, attack_params, subjects, methods)
         except ValueError as err:
             ap.error(str(err))
     t0 = time.perf_counter()
@@ -460,9 +463,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def budgets_from(path: Path, bb, method_params: dict, target: float | None) -> dict:
-    """An earlier run's matched budgets, if that run matched on the same backbone to the same PSNR: those of the method
-    labels whose parameters are this run's (another variant's budget is found anew)."""
+def budgets_from(path: Path, bb, method_params: dict, target: float | None, attack_params: dict | None = None,
+                 subjects: list[str] | None = None, methods: list[str] | None = None) -> dict:
+    """An earlier run's matched budgets, if that run matched on the same backbone to the same PSNR with the same
+    instance prompt (the protections' prompt): those of this run's subjects and method labels whose parameters are
+    this run's (another variant's budget is found anew)."""
     if target is None:
         raise ValueError("--budgets-from needs --match-psnr (the target the budgets were matched to)")
     if not path.is_file():
@@ -472,9 +477,18 @@ def budgets_from(path: Path, bb, method_params: dict, target: float | None) -> d
         if not _close(r.get(k), ours):
             raise ValueError(f"--budgets-from {path}: its {k} is {r.get(k)!r}, this run's {ours!r}: its budgets would "
                              "not land at this run's PSNR")
+    prompt = (r.get("attack_params") or {}).get("instance_prompt"), (attack_params or {}).get("instance_prompt")
+    if prompt[0] != prompt[1]:
+        raise ValueError(f"--budgets-from {path}: its instance prompt is {prompt[0]!r}, this run's {prompt[1]!r}: the "
+                         "protections aim at the prompt, so its budgets would not land at this run's PSNR")
     theirs = r.get("method_params") or {}
-    return {k: v for k, v in (r.get("matched_budgets") or {}).items() if "unmatched" not in v
-            and _close(theirs.get(k.split("/", 1)[1], {}), method_params.get(k.split("/", 1)[1], {}))}
+    out = {}
+    for k, v in (r.get("matched_budgets") or {}).items():
+        subject, label = k.split("/", 1)
+        if ("unmatched" not in v and (subjects is None or subject in subjects) and (methods is None or label in methods)
+                and _close(theirs.get(label, {}), method_params.get(label, {}))):
+            out[k] = v
+    return out
 
 
 def write_json(path: Path, data: dict) -> None:

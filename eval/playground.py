@@ -298,7 +298,7 @@ def survives_posting(paths, protected_paths, backbone, prompt: str, callback=Non
     return (f"After a 0.75× resize and JPEG at quality 85 (what a social network does), the protection keeps {kept} of "
             f"its effect on the attacker's starting loss ({fmt(r['gain'])} → {fmt(r['gain_after_posting'])}). This is a "
             "quick proxy, not what an attack learns: on pocket, LDU's effect on what an attack learns did not survive "
-            "posting (docs/RESULTS.md; measured with `python -m eval.efficacy --purify posting`)."), r
+            "posting at JPEG 75 (docs/RESULTS.md; measured with `python -m eval.efficacy --purify posting`)."), r
 
 
 # ---- Attack ---------------------------------------------------------------------------------------

@@ -253,6 +253,15 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
         merge([a, _report([], [("frog", 0, 0.55)])])
     with pytest.raises(ValueError, match="ldu's row for frog seed 1 differs"):
         merge([a, _report([("frog", 1, "ldu", 0.31)], [])])
+    # the attacker's purification is part of the experiment; a run that recorded only the parameters it was given
+    # is the same experiment as one that recorded them all
+    given = {"name": "posting", "params": {}}
+    resolved = {"name": "posting", "params": {"factor": 0.75, "quality": 75}}
+    with pytest.raises(ValueError, match="differ in purification"):
+        merge([a, {**_report([], [("frog", 0, 0.5)]), "purification": resolved}])
+    assert merge([{**a, "purification": given}, {**_report([], [("frog", 0, 0.5)]), "purification": resolved}])
+    with pytest.raises(ValueError, match="differ in purification"):
+        merge([{**a, "purification": given}, {**_report([], []), "purification": {"name": "posting", "params": {"quality": 50}}}])
     with pytest.raises(ValueError, match="differ in method_params of ldu"):
         merge([a, {**_report([("frog", 2, "ldu", 0.2)], []), "method_params": {"ldu": {"iterations": 10}}}])
     # a variant only one run has keeps its own parameters: both runs' rows pair against the same clean attacks
@@ -388,6 +397,11 @@ def test_purify_makes_the_attacker_purify_every_set_and_budgets_from_reuses_a_ru
                                                  "matched_budgets": {**given, "robot/noise+x": {"budget_rms": 0.01}}}))
     assert ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0) == given
     assert ef.budgets_from(tmp_path / "v.json", tiny, {"noise": {"iterations": 0}}, 35.0) == {}
+    # ... of this run's subjects and methods only, and with the same instance prompt
+    assert ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, subjects=["frog"]) == {}
+    assert ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, methods=["ldu", "noise+x"]) == {}
+    with pytest.raises(ValueError, match="instance prompt"):
+        ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, {"instance_prompt": "a photo of sks dog"})
     # the CLI: a run file matched to another target is refused before any work, and so is --purify-set alone
     (tmp_path / "r.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 32.0,
                                                  "method_params": {}, "matched_budgets": given}))
