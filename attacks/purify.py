@@ -297,7 +297,7 @@ for _p in (
     Purification(name="gaussian_blur", params=BlurParams, fn=gaussian_blur, summary="Gaussian blur"),
     Purification(name="resize", params=ResizeParams, fn=resize, summary="downscale then upscale back"),
     Purification(name="posting", params=PostingParams, fn=posting,
-                 summary="what posting does: downscale (and back up), then JPEG"),
+                 summary="what posting does: a smaller copy saved as JPEG, scaled back up"),
     Purification(name="gaussian_noise", params=NoiseParams, fn=gaussian_noise, summary="additive Gaussian noise"),
     Purification(name="diffpure", params=DiffPureParams, fn=diffpure, needs_backbone=True,
                  summary="DiffPure/SDEdit: noise the latents to t, DDIM-denoise with the backbone",
