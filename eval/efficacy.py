@@ -215,8 +215,7 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
 
     def setting(r, k):  # a report from before a setting was recorded holds its default
         if k == "purification" and r.get(k):  # every parameter resolved (early runs recorded only those given)
-            entry = get_purification(r[k]["name"])
-            return {"name": entry.name, "params": dataclasses.asdict(entry.make_params(kind_of(r["model"]), **r[k]["params"]))}
+            return resolved_purification(r[k]["name"], r[k]["params"], kind_of(r["model"]))
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):
@@ -425,9 +424,8 @@ def main(argv=None) -> int:
         budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
         purification = None
         if args.purify:  # every parameter resolved (the backbone kind's defaults too), so the report says what ran
-            entry = get_purification(args.purify)
-            purification = (args.purify, dataclasses.asdict(entry.make_params(
-                kind_of(args.model), **parse_overrides(args.purify_set, entry.params, flag="--purify-set "))))
+            given = parse_overrides(args.purify_set, get_purification(args.purify).params, flag="--purify-set ")
+            purification = tuple(resolved_purification(args.purify, given, kind_of(args.model)).values())
         elif args.purify_set:
             raise ValueError("--purify-set needs --purify NAME")
     except ValueError as err:
@@ -461,6 +459,12 @@ def main(argv=None) -> int:
         if budgets:
             sweep_plot(summary, args.out.with_suffix(".png"))
     return 0
+
+
+def resolved_purification(name: str, params: dict, kind: str) -> dict:
+    """{"name", "params"} with every parameter of the purification resolved (the backbone kind's defaults too)."""
+    entry = get_purification(name)
+    return {"name": entry.name, "params": dataclasses.asdict(entry.make_params(kind, **params))}
 
 
 def budgets_from(path: Path, bb, method_params: dict, target: float | None, attack_params: dict | None = None,
