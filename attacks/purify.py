@@ -100,14 +100,20 @@ class ResizeParams:
         check(0 < self.factor < 1, f"factor must be in (0, 1), got {self.factor}")
 
 
+def _smaller(x, factor: float):
+    """A `factor` copy of one image (bicubic, antialiased), not clamped."""
+    h, w = x.shape[-2:]
+    return F.interpolate(x[None], size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="bicubic",
+                         antialias=True, align_corners=False)[0]
+
+
+def _back_up(small, size):
+    """A small copy scaled back up to `size` (bicubic), clamped to [0, 1]."""
+    return F.interpolate(small[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+
+
 def resize(images, p: ResizeParams, backbone=None, callback=None):
-    out = []
-    for x in images:
-        h, w = x.shape[-2:]
-        small = F.interpolate(x[None], size=(max(1, round(h * p.factor)), max(1, round(w * p.factor))), mode="bicubic",
-                              antialias=True, align_corners=False)
-        out.append(F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1))
-    return out
+    return [_back_up(_smaller(x, p.factor), x.shape[-2:]) for x in images]
 
 
 @dataclass
@@ -123,14 +129,8 @@ class PostingParams:
 def posting(images, p: PostingParams, backbone=None, callback=None):
     """What a social network does to an upload (the protocol's 'JPEG 75 + 0.75x resize'): a smaller copy (bicubic,
     antialiased) saved as JPEG; the attacker scales it back to the input's size (bicubic) to train at its resolution."""
-    out = []
-    for x in images:
-        h, w = x.shape[-2:]
-        small = F.interpolate(x[None], size=(max(1, round(h * p.factor)), max(1, round(w * p.factor))), mode="bicubic",
-                              antialias=True, align_corners=False)[0]
-        small = jpeg([small.clamp(0, 1)], JPEGParams(quality=p.quality))[0]
-        out.append(F.interpolate(small[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1))
-    return out
+    return [_back_up(jpeg([_smaller(x, p.factor).clamp(0, 1)], JPEGParams(quality=p.quality))[0], x.shape[-2:])
+            for x in images]
 
 
 @dataclass
