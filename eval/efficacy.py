@@ -425,7 +425,8 @@ def main(argv=None) -> int:
         purification = None
         if args.purify:  # every parameter resolved (the backbone kind's defaults too), so the report says what ran
             given = parse_overrides(args.purify_set, get_purification(args.purify).params, flag="--purify-set ")
-            purification = tuple(resolved_purification(args.purify, given, kind_of(args.model)).values())
+            resolved = resolved_purification(args.purify, given, kind_of(args.model))
+            purification = (resolved["name"], resolved["params"])
         elif args.purify_set:
             raise ValueError("--purify-set needs --purify NAME")
     except ValueError as err:
