@@ -11,6 +11,8 @@
 - `--purify posting` (or any purification, `--purify-set k=v`): the attacker runs it on every set it trains on,
   the clean views included, so the share is against the attack on the purified clean views (posting is done to
   every upload, protected or not). Budgets are still matched on the images as uploaded.
+- `--view-size 128`: training views larger than the model's size, protected and purified at that size and shrunk by
+  the attack as a user's photos are (GrIDPure only differs from DiffPure then); held-out views stay at the model's size.
 - `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone and target; for each method
   label with the same parameters) instead of searching again: the same budgets (and, with the same code, the same
   protected images).
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from attacks import default_attack, get_attack, get_purification
 from ldu import get_method, load_backbone, protect
@@ -62,15 +65,17 @@ def spread(values: list) -> dict:
 
 
 def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: dict, n_train: int = 4, n_held: int = 8,
-                  n_gen: int = 8, everyone: dict | None = None) -> experiment.Setup:
-    """The paired experiment's setup for a built-in subject and seed: that seed's views at the backbone's size."""
+                  n_gen: int = 8, everyone: dict | None = None, view_size: int | None = None) -> experiment.Setup:
+    """The paired experiment's setup for a built-in subject and seed: that seed's views at the backbone's size, or the
+    training views at `view_size` (photos larger than the model's size: protected and purified at that size, shrunk by
+    the attack as it shrinks a user's photos; the held-out views stay at the model's size)."""
 
     def tensors(a):
         return [torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255 for v in a]
 
     size = backbone.resolution
     return experiment.Setup(
-        train=tensors(subject_views(name, "train", n_train, seed=seed, size=size)[0]),
+        train=tensors(subject_views(name, "train", n_train, seed=seed, size=view_size or size)[0]),
         held_out=tensors(subject_views(name, "held_out", n_held, seed=seed, size=size)[0]),
         noun=get_subject(name).noun, seed=seed, attack=attack, attack_params=attack_params, n_gen=n_gen,
         subjects=everyone, subject=name)
@@ -106,10 +111,14 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
 def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Side, n: int = 8) -> torch.Tensor:
     """Rows: training views (4), held-out views, base generations, attacked generations (first n of each)."""
     rows = [setup.train, setup.held_out, base.generations[base.prompt], clean.generations[clean.prompt]]
+    size = tuple(setup.held_out[0].shape[-2:])  # training views larger than the model's (--view-size) shown at its size
     width = max(len(r[:n]) for r in rows)
     out = []
     for r in rows:
-        r = list(r[:n]) + [torch.ones_like(r[0])] * (width - len(r[:n]))
+        r = [v if tuple(v.shape[-2:]) == size else
+             F.interpolate(v[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+             for v in r[:n]]
+        r = r + [torch.ones_like(r[0])] * (width - len(r))
         out.append(torch.cat(r, dim=2))
     return torch.cat(out, dim=1).clamp(0, 1)
 
@@ -117,11 +126,12 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
         pictures: Path | None = None, log=print, n_gen: int = 8, save=None, purification: tuple[str, dict] | None = None,
-        matched: dict | None = None) -> dict:
+        matched: dict | None = None, view_size: int | None = None) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
     given, is called with the report so far after every row (a run stopped after hours keeps what it measured).
     `purification` (name, params): the attacker purifies every set before training (the clean views too).
-    `matched`: budgets already found, {"subject/label": {...}} as a report's "matched_budgets" holds them."""
+    `matched`: budgets already found, {"subject/label": {...}} as a report's "matched_budgets" holds them.
+    `view_size`: the training views' size in pixels (default: the backbone's; see subject_setup)."""
     report: dict = {"personalization": [], "protection": []}
     matched = {tuple(k.split("/", 1)): v for k, v in (matched or {}).items()}
 
@@ -131,7 +141,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                   "matched_budgets": {f"{k[0]}/{k[1]}": v for k, v in matched.items()}})  # as it stands now
     for name in subjects:
         for seed in seeds:
-            setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed))
+            setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed),
+                                  view_size=view_size)
             t0 = time.perf_counter()
             # the base and clean sides once per subject and seed, paired with every method's protected side
             base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train,
@@ -159,7 +170,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                         k = (name, label)
                         if k not in matched:
                             # always on seed 0's views, whichever seeds this run has: runs of other seeds merge
-                            first = subject_setup(backbone, name, MATCH_SEED, attack, attack_params)
+                            first = subject_setup(backbone, name, MATCH_SEED, attack, attack_params, view_size=view_size)
                             try:
                                 matched[k] = match_psnr(backbone, method, {**params, "seed": MATCH_SEED}, first.train,
                                                         target_psnr)
@@ -192,7 +203,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 
 # what runs must share for their rows to be one experiment (and each method label's parameters, where both have its rows)
-SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification")
+SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size")
 
 
 def _close(a, b) -> bool:
@@ -397,6 +408,9 @@ def main(argv=None) -> int:
     ap.add_argument("--purify", default=None, metavar="NAME", help="the attacker purifies every set it trains on first "
                                                                      "(the clean views too), e.g. posting, diffpure")
     ap.add_argument("--purify-set", action="append", default=[], metavar="NAME=VALUE", help="a purification parameter")
+    ap.add_argument("--view-size", type=int, default=None, metavar="PX",
+                    help="training views this many pixels square (default: the model's size): protected and purified at "
+                         "that size and shrunk by the attack, as a user's photos are (e.g. 128 on pocket, for gridpure)")
     ap.add_argument("--budgets-from", type=Path, default=None, metavar="RUN.json",
                     help="with --match-psnr: reuse that run's matched budgets (same backbone, method settings, target)")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here, after every row ('partial': "
@@ -432,10 +446,15 @@ def main(argv=None) -> int:
     except ValueError as err:
         ap.error(str(err))
     bb = load_backbone(args.model)
+    view_size = None if args.view_size in (None, bb.resolution) else args.view_size  # the model's size is the default
+    if view_size is not None and view_size < bb.resolution:
+        ap.error(f"--view-size {view_size} is below the model's size ({bb.resolution} px): the attack would enlarge the "
+                 "views, not shrink them; give at least that, or leave it out")
     matched = None
     if args.budgets_from:
         try:
-            matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr, attack_params, subjects, methods)
+            matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr, attack_params, subjects, methods,
+                                   view_size)
         except ValueError as err:
             ap.error(str(err))
     t0 = time.perf_counter()
@@ -443,6 +462,7 @@ def main(argv=None) -> int:
     meta = {"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
             "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
+            "view_size": view_size,
             "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
 
     def write(report: dict, partial: bool):
@@ -450,7 +470,8 @@ def main(argv=None) -> int:
 
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
-                 save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched)
+                 save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched,
+                 view_size=view_size)
     report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary
@@ -469,7 +490,7 @@ def resolved_purification(name: str, params: dict, kind: str) -> dict:
 
 
 def budgets_from(path: Path, bb, method_params: dict, target: float | None, attack_params: dict | None = None,
-                 subjects: list[str] | None = None, methods: list[str] | None = None) -> dict:
+                 subjects: list[str] | None = None, methods: list[str] | None = None, view_size: int | None = None) -> dict:
     """An earlier run's matched budgets, if that run matched on the same backbone to the same PSNR with the same
     instance prompt (the protections' prompt): those of this run's subjects and method labels whose parameters are
     this run's (another variant's budget is found anew)."""
@@ -478,7 +499,7 @@ def budgets_from(path: Path, bb, method_params: dict, target: float | None, atta
     if not path.is_file():
         raise ValueError(f"--budgets-from: no such run file: {path}")
     r = json.loads(path.read_text())
-    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target)):
+    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("view_size", view_size)):
         if not _close(r.get(k), ours):
             raise ValueError(f"--budgets-from {path}: its {k} is {r.get(k)!r}, this run's {ours!r}: its budgets would "
                              "not land at this run's PSNR")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -411,6 +412,44 @@ def test_purify_makes_the_attacker_purify_every_set_and_budgets_from_reuses_a_ru
         with pytest.raises(SystemExit) as err:
             ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "noise", *argv])
         assert err.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_view_size_protects_and_purifies_larger_training_views_and_is_part_of_the_experiment(tiny, monkeypatch,
+                                                                                              tmp_path, capsys):
+    """--view-size: the training views are drawn at that size, protected and purified there (gridpure then has more
+    than one tile) and handed to the attack at that size; the held-out views stay at the model's size; runs at
+    another view size are another experiment (no merge, no budgets taken)."""
+    import eval.efficacy as ef
+    import eval.experiment as ex
+
+    big = 2 * tiny.resolution
+    seen, purified = [], []
+    real_train, real_purify = ex.train, ex.purify
+    monkeypatch.setattr(ex, "train", lambda bb, images, *a, **k: (seen.append([x.shape for x in images]),
+                                                                  real_train(bb, images, *a, **k))[1])
+    monkeypatch.setattr(ex, "purify", lambda images, *a, **k: (purified.append([x.shape for x in images]),
+                                                               real_purify(images, *a, **k))[1])
+    given = {"robot/noise": {"budget_rms": 4 / 255, "linf": 16 / 255}}
+    report = ef.run(tiny, ["robot"], [0], ["noise"], "lora_dreambooth", {"steps": 1}, target_psnr=35.0, n_gen=2,
+                    log=lambda *a: None, matched=given, view_size=big, pictures=tmp_path / "pics",
+                    purification=("gridpure", {"strength": 0.1, "steps": 1, "iterations": 1, "overlap": 0.5, "seed": 0}))
+    assert seen and purified and all(shape[-2:] == (big, big) for shapes in seen + purified for shape in shapes)
+    setup = ef.subject_setup(tiny, "robot", 0, "lora_dreambooth", {}, view_size=big)
+    assert setup.train[0].shape[-2:] == (big, big) and setup.held_out[0].shape[-2:] == (tiny.resolution,) * 2
+    assert report["protection"][0]["psnr"] == pytest.approx(20 * math.log10(255 / 4), abs=0.3)  # the budget, at that size
+    from PIL import Image
+    assert Image.open(tmp_path / "pics" / "robot.png").size == (8 * tiny.resolution, 4 * tiny.resolution)
+    # another view size is another experiment
+    with pytest.raises(ValueError, match="differ in view_size"):
+        ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("frog", 0, 0.5)]), "view_size": big}])
+    (tmp_path / "r.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 35.0,
+                                                 "method_params": {}, "matched_budgets": given}))
+    with pytest.raises(ValueError, match="its view_size is None"):
+        ef.budgets_from(tmp_path / "r.json", tiny, {}, 35.0, view_size=big)
+    with pytest.raises(SystemExit) as err:
+        ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "noise",
+                 "--view-size", str(tiny.resolution // 2)])
+    assert err.value.code == 2 and "below the model's size" in capsys.readouterr().err
 
 
 def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
