@@ -324,6 +324,39 @@ def summarize(report: dict) -> dict:
                     agree[f"{name} ({k})"] = {"mean": statistics.fmean(diffs), "positive": sum(d > 0 for d in diffs),
                                               "n": len(diffs), "real": same_sign and len(diffs) >= MIN_PAIRS}
     out["paired_differences"] = agree
+    out["control_spread"] = control_spread(rows, [m for m, budget in labels if budget is None])
+    return out
+
+
+def control_spread(rows: list[dict], labels: list[str]) -> dict:
+    """With two or more `noise` controls (e.g. `noise` and `noise+s100`, the same change drawn with another seed):
+    how much two structureless changes of the same size differ on one pair, per share. `std` is the spread of the
+    per-pair differences between controls (m of them); were a method just another control, the mean of its n paired
+    differences with a control would lie within ±t·std/√n 95 % of the time, t Student's 97.5 % point for m − 1
+    degrees of freedom (`null_band`): a method's mean lead inside that band is what one more control could show."""
+    from scipy.stats import t as student  # scikit-image's dependency
+
+    controls = [m for m in labels if m.split("+")[0] == "noise"]
+    out = {}
+    if len(controls) < 2:
+        return out
+    for k in ("prevented_loss", "prevented_generation"):
+        share = {m: {(r["subject"], r["seed"]): r[k] for r in rows if r["method"] == m and isinstance(r.get(k), float)}
+                 for m in controls}
+        diffs = [share[a][x] - share[b][x] for i, a in enumerate(controls) for b in controls[i + 1 :]
+                 for x in share[a].keys() & share[b].keys()]
+        if len(diffs) < 3:  # a spread from two differences says nothing
+            continue
+        std = statistics.stdev(diffs)
+        bands = {}
+        for m in labels:
+            if m in controls:
+                continue
+            n = min((len({(r["subject"], r["seed"]) for r in rows if r["method"] == m and isinstance(r.get(k), float)}
+                          & share[c].keys()) for c in controls), default=0)
+            if n:
+                bands[m] = float(student.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(n)
+        out[k] = {"controls": controls, "std": std, "n": len(diffs), "null_band": bands}
     return out
 
 
@@ -353,6 +386,11 @@ def print_summary(summary: dict, file=None) -> None:
         for k, v in summary.get("paired_differences", {}).items():
             print(f"  {k}: mean {v['mean']:+.3f}, positive in {v['positive']}/{v['n']} "
                   f"({'real: all agree' if v['real'] else 'all agree, but too few pairs' if v['positive'] in (0, v['n']) else 'within noise: signs differ'})",
+                  file=file)
+        for k, c in summary.get("control_spread", {}).items():
+            print(f"  controls {', '.join(c['controls'])} ({k}): their paired differences spread by std {c['std']:.3f} "
+                  f"(n {c['n']}); were a method one more control, its mean lead over a control would lie within "
+                  + ", ".join(f"±{b:.3f} ({m})" for m, b in c["null_band"].items()) + " 95 % of the time",
                   file=file)
 
 

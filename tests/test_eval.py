@@ -228,6 +228,27 @@ def _report(rows, pers, attack="dreambooth", matched=None):
             "matched_budgets": matched or {}, "seconds": 10.0, "argv": []}
 
 
+def test_two_controls_give_the_spread_a_method_must_beat(capsys):
+    """With two noise controls the summary reports how much they differ per pair (the std of their paired
+    differences) and the ±t·std/√n band inside which a method's mean lead is what one more control would show."""
+    from eval.efficacy import print_summary, summarize
+
+    values = {"noise": [0.1, 0.0, -0.1, 0.2], "noise+s100": [0.0, 0.0, 0.1, 0.0], "ldu": [0.3, 0.2, 0.1, 0.4]}
+    rows = [("frog", k, m, v[k]) for m, v in values.items() for k in range(4)]
+    s = summarize(_report(rows, []))
+    c = s["control_spread"]["prevented_generation"]
+    # by hand: differences 0.1, 0, -0.2, 0.2; mean 0.025; squares of deviations sum to 0.0875; / 3; sqrt
+    assert c["controls"] == ["noise", "noise+s100"] and c["n"] == 4
+    assert c["std"] == pytest.approx(math.sqrt(0.0875 / 3))
+    # Student's t, 97.5 % point, 3 degrees of freedom (tables: 3.182), times std / sqrt(4 pairs)
+    assert c["null_band"] == {"ldu": pytest.approx(3.182446 * math.sqrt(0.0875 / 3) / 2, rel=1e-5)}
+    assert "prevented_loss" not in s["control_spread"]  # every loss share is unavailable: nothing to spread
+    print_summary(s)
+    assert "controls noise, noise+s100 (prevented_generation): their paired differences spread by std 0.171" in capsys.readouterr().out
+    one = summarize(_report([r for r in rows if r[2] != "noise+s100"], []))
+    assert one["control_spread"] == {}  # one control cannot say how much controls differ
+
+
 def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_path, capsys):
     """Rows from runs made apart are pooled (overlaps must agree: the same inputs give the same numbers); runs with
     another attack, another clean attack or another matched budget where they overlap are refused by name."""
