@@ -312,10 +312,7 @@ def summarize(report: dict) -> dict:
             if budget_a != budget_b:  # compared at the same budget (or the same matched PSNR) only
                 continue
             for k in ("prevented_loss", "prevented_generation"):
-                def shares(m):
-                    return {(r["subject"], r["seed"]): r[k] for r in rows
-                            if r["method"] == m and (budget_a is None or r["budget"] == budget_a) and isinstance(r.get(k), float)}
-                pa, pb = shares(a), shares(b)
+                pa, pb = shares(rows, a, k, budget_a), shares(rows, b, k, budget_a)
                 diffs = [pa[x] - pb[x] for x in pa.keys() & pb.keys()]
                 if diffs:
                     name = f"{a} - {b}" + ("" if budget_a is None else f" @{budget_a * 255:.1f}/255")
@@ -326,6 +323,12 @@ def summarize(report: dict) -> dict:
     out["paired_differences"] = agree
     out["control_spread"] = control_spread(rows, [m for m, budget in labels if budget is None])
     return out
+
+
+def shares(rows: list[dict], method: str, k: str, budget: float | None = None) -> dict:
+    """{(subject, seed): share k} of one method's rows where that share was measured (at one budget, in a sweep)."""
+    return {(r["subject"], r["seed"]): r[k] for r in rows
+            if r["method"] == method and (budget is None or r["budget"] == budget) and isinstance(r.get(k), float)}
 
 
 def control_spread(rows: list[dict], labels: list[str]) -> dict:
@@ -341,21 +344,20 @@ def control_spread(rows: list[dict], labels: list[str]) -> dict:
     if len(controls) < 2:
         return out
     for k in ("prevented_loss", "prevented_generation"):
-        share = {m: {(r["subject"], r["seed"]): r[k] for r in rows if r["method"] == m and isinstance(r.get(k), float)}
-                 for m in controls}
+        share = {m: shares(rows, m, k) for m in controls}
         diffs = [share[a][x] - share[b][x] for i, a in enumerate(controls) for b in controls[i + 1 :]
                  for x in share[a].keys() & share[b].keys()]
         if len(diffs) < 3:  # a spread from two differences says nothing
             continue
         std = statistics.stdev(diffs)
+        t = float(student.ppf(0.975, len(diffs) - 1))
         bands = {}
         for m in labels:
             if m in controls:
                 continue
-            n = min((len({(r["subject"], r["seed"]) for r in rows if r["method"] == m and isinstance(r.get(k), float)}
-                          & share[c].keys()) for c in controls), default=0)
+            n = min(len(shares(rows, m, k).keys() & share[c].keys()) for c in controls)
             if n:
-                bands[m] = float(student.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(n)
+                bands[m] = t * std / math.sqrt(n)
         out[k] = {"controls": controls, "std": std, "n": len(diffs), "null_band": bands}
     return out
 
