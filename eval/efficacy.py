@@ -396,26 +396,44 @@ def print_summary(summary: dict, file=None) -> None:
                   file=file)
 
 
-def sweep_plot(summary: dict, path: Path) -> None:
+def sweep_curves(summary: dict, key: str) -> dict:
+    """{method: [(PSNR, mean share, its std, how many pairs), ...] by PSNR}: a sweep's curves for one share, each point a
+    method at one budget, averaged over the subject x seed pairs where that share was measured."""
+    curves: dict = {}
+    for label, e in summary["protection"].items():
+        if e[key]["mean"] is not None:
+            curves.setdefault(label.split("@")[0], []).append((e["psnr"]["mean"], e[key]["mean"], e[key]["std"], e[key]["n"]))
+    return {method: sorted(pts) for method, pts in sorted(curves.items())}
+
+
+def sweep_plot(summary: dict, path: Path):
     """Efficacy against PSNR, one panel per share (held-out loss, generations), one curve per method, error bars the
-    spread over subjects x seeds. A share that could not be measured anywhere leaves its panel empty, and says so."""
+    spread over subjects x seeds. A share that could not be measured anywhere leaves its panel empty, and says so; a
+    point resting on one pair (no spread) is drawn hollow, and the panel says how many pairs its points rest on.
+    Returns the figure (saved to `path`)."""
     import matplotlib  # deferred: plotting is the only user, and it is slow to import
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # deferred, as matplotlib
 
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.6))
     panels = {"prevented_loss": "held-out loss", "prevented_generation": "generations' likeness"}
     for ax, (key, title) in zip(fig.subplots(1, 2), panels.items()):
-        curves: dict = {}
-        for label, e in summary["protection"].items():
-            if e[key]["mean"] is not None:
-                curves.setdefault(label.split("@")[0], []).append((e["psnr"]["mean"], e[key]["mean"], e[key]["std"]))
-        for method, pts in sorted(curves.items()):
-            pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=method)
+        curves = sweep_curves(summary, key)
+        for method, pts in curves.items():
+            line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                               label=method, markevery=[i for i, p in enumerate(pts) if p[3] >= 2])
+            single = [p for p in pts if p[3] < 2]
+            if single:  # one pair: a value, not a mean with a spread
+                ax.plot([p[0] for p in single], [p[1] for p in single], "o", mfc="white", color=line.lines[0].get_color(),
+                        zorder=3)
+        counts = sorted({p[3] for pts in curves.values() for p in pts})
         if not curves:
             ax.text(0.5, 0.5, "unavailable: the attack learned too little to measure", ha="center", transform=ax.transAxes)
+        else:
+            n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+            ax.text(0.02, 0.02, f"each point: mean ± std over {n} pair{'s' if counts[-1] > 1 else ''}"
+                    + (" (hollow: one pair, no spread)" if counts[0] < 2 else ""), transform=ax.transAxes, fontsize=8)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(f"share of learning prevented: {title}")
         ax.set_xlabel("PSNR of the protected photos (dB)")
@@ -427,6 +445,7 @@ def sweep_plot(summary: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="center right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv=None) -> int:

@@ -310,15 +310,27 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
 def test_sweep_plot_draws_both_shares_and_says_when_one_is_unavailable(tmp_path):
     from PIL import Image
 
-    from eval.efficacy import summarize, sweep_plot
+    from eval.efficacy import summarize, sweep_curves, sweep_plot
 
     rows = [{"subject": "frog", "seed": 0, "method": m, "budget": b / 255, "prevented_loss": "unavailable: x",
              "prevented_generation": v, "psnr": 40 - b} for m in ("ldu", "noise") for b, v in ((4, 0.1), (8, 0.3))]
     summary = summarize({"personalization": [], "protection": rows, "sweep": [4 / 255, 8 / 255]})
     assert set(summary["protection"]) == {"ldu@4.0", "ldu@8.0", "noise@4.0", "noise@8.0"}
-    sweep_plot(summary, tmp_path / "sweep.png")
+    fig = sweep_plot(summary, tmp_path / "sweep.png")
     with Image.open(tmp_path / "sweep.png") as im:
         assert im.width > 1000
+    loss_panel, gen_panel = fig.axes[:2]
+    assert "unavailable" in loss_panel.texts[0].get_text()
+    # one pair per point (frog seed 0 only): a value, not a mean with a spread, and the panel says so
+    assert sweep_curves(summary, "prevented_generation") == {"ldu": [(32, 0.3, 0.0, 1), (36, 0.1, 0.0, 1)],
+                                                             "noise": [(32, 0.3, 0.0, 1), (36, 0.1, 0.0, 1)]}
+    assert "over 1 pair (hollow: one pair, no spread)" in gen_panel.texts[0].get_text()
+    rows += [{**r, "seed": 1, "prevented_generation": r["prevented_generation"] + 0.2} for r in rows]
+    summary = summarize({"personalization": [], "protection": rows, "sweep": [4 / 255, 8 / 255]})
+    assert sweep_curves(summary, "prevented_generation")["ldu"] == [(32, pytest.approx(0.4), pytest.approx(0.1414, abs=1e-4), 2),
+                                                                    (36, pytest.approx(0.2), pytest.approx(0.1414, abs=1e-4), 2)]
+    text = sweep_plot(summary, tmp_path / "sweep.png").axes[1].texts[0].get_text()
+    assert "over 2 pairs" in text and "hollow" not in text
 
 
 def test_prevented_share_against_a_hand_computation():
