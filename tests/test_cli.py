@@ -220,6 +220,7 @@ def test_an_unwritable_out_is_found_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")  # never beside the browser's Stop test (see there)
 def test_a_50_megapixel_photo_stays_under_the_documented_memory_bound(tmp_path):
     """docs/DESIGN.md "Memory": protect() at 50 MP through the CLI, peak RSS of the process (resource module)."""
     side = 7071  # 50.0 MP
