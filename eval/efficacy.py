@@ -416,7 +416,7 @@ def sweep_plot(summary: dict, path: Path):
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # deferred, as matplotlib
 
-    fig = Figure(figsize=(11, 4.6))
+    fig = Figure(figsize=(12, 4.6))
     panels = {"prevented_loss": "held-out loss", "prevented_generation": "generations' likeness"}
     for ax, (key, title) in zip(fig.subplots(1, 2), panels.items()):
         curves = sweep_curves(summary, key)
@@ -443,7 +443,7 @@ def sweep_plot(summary: dict, path: Path):
             if lab not in labels:
                 handles.append(h), labels.append(lab)
     fig.legend(handles, labels, loc="center right", frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.tight_layout(rect=(0, 0, 0.8, 1))  # room for the legend (8 methods, the longest photoguard_encoder)
     fig.savefig(path, dpi=120)
     return fig
 
