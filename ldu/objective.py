@@ -16,7 +16,10 @@ Its parts, each an option (`ObjectiveOptions`), each measured on its own (docs/R
 - **posting**: an expectation over what a social network does to an upload (JPEG through kornia's differentiable
   codec, a resize down and up, a blur), applied in the loop;
 - **a latent target**: minus `latent_target` x the distance of E(x) to the latent of flat grey (PhotoGuard's encoder
-  attack, which protected most on pocket at its budget).
+  attack, which protected most on pocket at its budget);
+- **the direction**: the attacker's loss maximised (adversarial, as AdvDM and the paper), or minimised: an
+  error-minimising perturbation, as unlearnable examples (Huang et al. 2021) and SDS(-) (Xue et al. 2024), which makes
+  the photos already "explained" by the model so that fine-tuning has less of the subject left to learn.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ObjectiveOptions:
     draws: int = 4
     posting: bool = False
     latent_target: float = 0.0
+    minimise: bool = False
 
 
 def posting_transform(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -99,6 +103,11 @@ class Objective:
             with torch.no_grad():
                 self.target = backbone.encode(torch.full_like(x_clean[:1], 0.5))
 
+    @property
+    def sign(self) -> int:
+        """+1 when the value is the attacker's loss, -1 when it is minus the loss (`minimise`)."""
+        return -1 if self.o.minimise else 1
+
     def draws(self, x: torch.Tensor) -> Draws:
         if not self.o.fresh_draws:
             return self.fixed
@@ -106,8 +115,8 @@ class Objective:
         return make_draws(self.o.draws, x.shape[0], shape, self.bb.num_train_timesteps, generator=self.g).to(self.bb.device)
 
     def __call__(self, x_p: torch.Tensor, draws: Draws | None = None, checkpoint: bool = False, transform: bool = True) -> torch.Tensor:
-        """[B] values to maximise. `draws` overrides the option's draws (scoring on fixed held-out draws);
-        transform=False measures without the posting transforms."""
+        """[B] values to maximise (the attacker's loss; minus it with `minimise`). `draws` overrides the option's draws
+        (scoring on fixed held-out draws); transform=False measures without the posting transforms."""
         x = posting_transform(x_p, self.g) if self.o.posting and transform else x_p
         if self.lora is not None:
             self.bb.unet.enable_adapters()
@@ -118,6 +127,8 @@ class Objective:
         finally:
             if self.lora is not None:
                 self.bb.unet.disable_adapters()
+        if self.o.minimise:
+            value = -value
         if self.target is not None:
             value = value - self.o.latent_target * (self.bb.encode(x_p) - self.target).pow(2).flatten(1).mean(1)
         return value

@@ -15,7 +15,8 @@ FAST = {"iterations": 2, "rounds": 2, "ddim_steps": 2, "draws": 2, "lr": 0.5}
 
 
 @pytest.mark.parametrize("options", [{"surrogate": "lora", "surrogate_steps": 1}, {"surrogate": "ti", "surrogate_steps": 1},
-                                     {"fresh_draws": True}, {"posting": True}, {"latent_target": 1.0}])
+                                     {"fresh_draws": True}, {"posting": True}, {"latent_target": 1.0},
+                                     {"minimise": True}])
 def test_each_objective_option_runs_within_the_budget_and_leaves_the_backbone_as_it_was(tiny, options):
     before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
     r = protect([rgb(64, 64, seed=3)], tiny, params={**FAST, **options, "prompt": "a photo of sks robot"})
@@ -29,8 +30,17 @@ def test_each_objective_option_runs_within_the_budget_and_leaves_the_backbone_as
 def test_the_options_change_the_result(tiny):
     img = rgb(64, 64, seed=4)
     base = protect([img], tiny, params=FAST).images[0]
-    for options in ({"latent_target": 5.0}, {"fresh_draws": True}):
+    for options in ({"latent_target": 5.0}, {"fresh_draws": True}, {"minimise": True}):
         assert not torch.equal(base, protect([img], tiny, params={**FAST, **options}).images[0]), options
+
+
+def test_minimise_moves_the_attackers_loss_the_other_way(tiny):
+    img = rgb(64, 64, seed=4)
+    params = {**FAST, "iterations": 3, "rounds": 1, "lr": 0.05}
+    for minimise, sign in ((False, 1), (True, -1)):
+        s = protect([img], tiny, params={**params, "minimise": minimise}).stats["batch"]["method"]["groups"][0]
+        clean = s["attacker_loss_clean_opt_draws"][0]  # reported as the attacker's loss in both directions
+        assert clean > 0 and sign * (max(sign * v for v in s["curve"]) - clean) > 0, (minimise, clean, s["curve"])
 
 
 def test_the_paper_preset_is_the_papers_form_and_the_user_still_wins(tiny):

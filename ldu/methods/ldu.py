@@ -55,6 +55,8 @@ class LDUParams(MethodParams):
                                      "last iterate is kept (a best-so-far choice would fit the draws' noise)")
     posting: bool = param(False, "an expectation over posting transforms in the loop: JPEG 60-95, resize, blur")
     latent_target: float = param(0.0, "weight of a term pulling E(x) toward the latent of flat grey (PhotoGuard's target)")
+    minimise: bool = param(False, "minimise the attacker's loss instead of maximising it: an error-minimising "
+                                  "perturbation (unlearnable examples, SDS-) that leaves fine-tuning less to learn")
     checkpoint: bool = param(True, "recompute UNet activations in backward (memory for time)")
     dual_lr: float = param(1.0, "decode mode: dual-ascent step of the multiplier, per unit of relative violation")
     lambda_max: float = param(100.0, "decode mode: cap of the multiplier")
@@ -81,7 +83,8 @@ class LDUParams(MethodParams):
 
 def options(p: LDUParams) -> ObjectiveOptions:
     return ObjectiveOptions(prompt=p.prompt, surrogate=p.surrogate, surrogate_steps=p.surrogate_steps, surrogate_lr=p.surrogate_lr,
-                            fresh_draws=p.fresh_draws, draws=p.draws, posting=p.posting, latent_target=p.latent_target)
+                            fresh_draws=p.fresh_draws, draws=p.draws, posting=p.posting, latent_target=p.latent_target,
+                            minimise=p.minimise)
 
 
 def trajectory_shift(backbone, x: torch.Tensor, params: LDUParams, draws, callback=None):
@@ -148,7 +151,7 @@ def _optimise(backbone, x, params: LDUParams, draws, objective: Objective, callb
                         better = loss_adv > best_loss
                         best[better], best_loss[better] = x_p[better], loss_adv[better]
                 step += 1
-                curve.append(float(loss_adv.detach().mean()))
+                curve.append(objective.sign * float(loss_adv.detach().mean()))  # the attacker's loss either way
                 report(callback, {"stage": "ldu", "step": step, "total": params.iterations, "round": rnd + 1,
                                   "attacker_loss": curve[-1]})
             if last:
@@ -168,7 +171,7 @@ def _optimise(backbone, x, params: LDUParams, draws, objective: Objective, callb
         "timesteps": timesteps,
         "curve": curve,
         "grad_norm_first": grad_norm_first,
-        "attacker_loss_clean_opt_draws": clean_loss.tolist(),
+        "attacker_loss_clean_opt_draws": (objective.sign * clean_loss).tolist(),
     }
     if not residual and base0 is not None:
         mse = (x_cur - base0).pow(2).flatten(1).mean(1)
