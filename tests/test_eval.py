@@ -302,6 +302,12 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
     out = capsys.readouterr().out
     assert json.loads((tmp_path / "m.json").read_text())["seeds"] == [0, 1, 2] and "ldu - noise" in out
     assert "made with different code (0.1.0+gaaa, 0.1.0+gbbb)" in out
+    # a merged report merges again (its code is a list): a third seed joins the first two
+    (tmp_path / "c.json").write_text(json.dumps({**_report([("frog", 3, "ldu", 0.5)], [("frog", 3, 0.7)]), "code": "0.1.0+gbbb"}))
+    assert main(["--merge", f"{tmp_path / 'm.json'},{tmp_path / 'c.json'}", "--out", str(tmp_path / "m2.json")]) == 0
+    again = json.loads((tmp_path / "m2.json").read_text())
+    assert again["seeds"] == [0, 1, 2, 3] and again["code"] == ["0.1.0+gaaa", "0.1.0+gbbb"]
+    assert "made with different code (0.1.0+gaaa, 0.1.0+gbbb)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as err:
         main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'nope.json'}"])
     assert err.value.code == 2 and "no such run file" in capsys.readouterr().err
