@@ -272,8 +272,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             if k in out["matched_budgets"] and not _close(out["matched_budgets"][k], v):
                 raise ValueError(f"{k}'s matched budget differs between the runs ({out['matched_budgets'][k]} vs {v})")
             out["matched_budgets"].setdefault(k, v)
-    # one entry unless the runs' code differed; a merged report's code is already a list
-    out["code"] = list(dict.fromkeys(c for r in reports for c in (r.get("code") if isinstance(r.get("code"), list) else [r.get("code")])))
+    codes = (r.get("code") for r in reports)  # a merged report's code is already a list
+    out["code"] = list(dict.fromkeys(c for code in codes for c in (code if isinstance(code, list) else [code])))  # one unless they differ
     out["partial"] = any(r.get("partial") for r in reports)  # a run stopped midway stays marked
     out["subjects"] = list(dict.fromkeys(row["subject"] for row in out["personalization"]))
     out["seeds"] = sorted({row["seed"] for row in out["personalization"]})
