@@ -127,8 +127,7 @@ class Objective:
         finally:
             if self.lora is not None:
                 self.bb.unet.disable_adapters()
-        if self.o.minimise:
-            value = -value
+        value = self.sign * value  # minimise: the loss's negative is what is maximised
         if self.target is not None:
             value = value - self.o.latent_target * (self.bb.encode(x_p) - self.target).pow(2).flatten(1).mean(1)
         return value
