@@ -1,5 +1,6 @@
 """Full DreamBooth (Ruiz et al. 2023), as diffusers' train_dreambooth.py: the whole UNet (optionally the text
-encoder) fine-tuned on the instance views, optionally with prior preservation.
+encoder) fine-tuned on the instance views, optionally with prior preservation. `train_unet="cross_kv"` fine-tunes
+only the cross-attention key and value projections, Custom Diffusion's choice (attacks/custom_diffusion.py).
 
 A copy of the UNet is trained in fp32 (mixed precision under autocast on a GPU), so the shared backbone is
 untouched (on a bf16/fp16 backbone the copy is loaded in fp32 from the checkpoint, not upcast from rounded
@@ -45,10 +46,18 @@ class DreamBoothParams(AttackParams):
     use_8bit_adam: bool = param(True, "bitsandbytes AdamW8bit when installed and on a GPU")
     flip: bool = param(False, "random horizontal flips")
     seed: int = param(0, "seed of data order, noise and timesteps")
+    train_unet: str = param("all", "UNet weights fine-tuned: all (DreamBooth), or cross_kv (only the cross-attention "
+                            "key and value projections, which read the prompt: Custom Diffusion's choice)")
 
     def __post_init__(self):
         super().__post_init__()
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
+        check(self.train_unet in UNET_WEIGHTS, f"train_unet must be one of {', '.join(UNET_WEIGHTS)}, got {self.train_unet!r}")
+
+
+# which of the UNet's parameters (by diffusers' names) each `train_unet` choice fine-tunes
+UNET_WEIGHTS = {"all": lambda name: True,
+                "cross_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name}
 
 
 def _optimizer(params, p: DreamBoothParams, device: torch.device):
@@ -80,8 +89,8 @@ def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, call
     g = torch.Generator().manual_seed(p.seed)
     batches = DreamBoothBatches(backbone, views, p, g, callback)
     saved = backbone.unet, backbone.text_encoder
-    unet = _fp32_copy(backbone, "unet").requires_grad_(True)
-    trainable = list(unet.parameters())
+    unet = _fp32_copy(backbone, "unet").requires_grad_(False)
+    trainable = [w.requires_grad_(True) for name, w in unet.named_parameters() if UNET_WEIGHTS[p.train_unet](name)]
     text = None
     if p.train_text_encoder:
         text = _fp32_copy(backbone, "text_encoder").requires_grad_(True)

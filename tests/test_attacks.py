@@ -128,6 +128,7 @@ def test_post_attack_loss_falls_on_what_the_attack_learned(tiny, views, tmp_path
     ("textual_inversion", {"instance_prompt": "a photo of a thing"}, "does not contain the token"),
     ("textual_inversion", {"token": "person", "instance_prompt": "a photo of a person"}, "already in the vocabulary"),
     ("lora_dreambooth", {"stepz": 3}, "has no parameter stepz"),
+    ("custom_diffusion", {"train_unet": "attn"}, "train_unet must be one of all, cross_kv"),
 ])
 def test_bad_input_fails_before_training_and_leaves_nothing(tiny, views, tmp_path, attack, params, phrase):
     with pytest.raises(ValueError, match=phrase):
@@ -220,7 +221,8 @@ def test_a_failed_lora_load_leaves_no_peft_layers_behind(tiny, views, tmp_path):
     assert not any("base_layer" in k or "lora" in k for k in tiny.unet.state_dict())
 
 
-@pytest.mark.parametrize("attack,params", [("textual_inversion", {"steps": 3}), ("dreambooth", {"steps": 2, "lr": 1e-3})])
+@pytest.mark.parametrize("attack,params", [("textual_inversion", {"steps": 3}), ("dreambooth", {"steps": 2, "lr": 1e-3}),
+                                           ("custom_diffusion", {"steps": 2})])
 def test_ti_and_dreambooth_are_seeded_applied_and_leave_the_backbone_alone(tiny, views, tmp_path, attack, params):
     base = probe(tiny)
     state = torch.random.get_rng_state()
@@ -232,6 +234,17 @@ def test_ti_and_dreambooth_are_seeded_applied_and_leave_the_backbone_alone(tiny,
     assert not torch.equal(generate(tiny, a, [a.prompt], [0], steps=2)[0], generate(tiny, None, [a.prompt], [0], steps=2)[0])
     assert torch.equal(probe(tiny), base)
     assert torch.equal(torch.random.get_rng_state(), state)  # nothing drew from the global RNG
+
+
+def test_custom_diffusion_trains_only_the_cross_attention_keys_and_values(tiny, views, tmp_path):
+    from safetensors.torch import load_file
+
+    train(tiny, views, "custom_diffusion", {"steps": 2, "lr": 1e-2}, out=tmp_path / "cd")
+    saved = load_file(tmp_path / "cd" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = tiny.unet.state_dict()
+    changed = {k for k, v in saved.items() if not torch.equal(v, base[k].float())}
+    assert changed == {k for k in saved if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert len(changed) >= 2
 
 
 @pytest.mark.parametrize("attack", ["textual_inversion", "dreambooth"])
