@@ -223,7 +223,7 @@ def test_a_failed_lora_load_leaves_no_peft_layers_behind(tiny, views, tmp_path):
 
 @pytest.mark.parametrize("attack,params", [("textual_inversion", {"steps": 3}), ("dreambooth", {"steps": 2, "lr": 1e-3}),
                                            ("custom_diffusion", {"steps": 2})])
-def test_ti_and_dreambooth_are_seeded_applied_and_leave_the_backbone_alone(tiny, views, tmp_path, attack, params):
+def test_ti_dreambooth_and_custom_diffusion_are_seeded_applied_and_leave_the_backbone_alone(tiny, views, tmp_path, attack, params):
     base = probe(tiny)
     state = torch.random.get_rng_state()
     a = train(tiny, views, attack, params, out=tmp_path / "a")
@@ -236,14 +236,16 @@ def test_ti_and_dreambooth_are_seeded_applied_and_leave_the_backbone_alone(tiny,
     assert torch.equal(torch.random.get_rng_state(), state)  # nothing drew from the global RNG
 
 
-def test_custom_diffusion_trains_only_the_cross_attention_keys_and_values(tiny, views, tmp_path):
+@pytest.mark.parametrize("attack,trained", [("custom_diffusion", lambda k: ".attn2.to_k." in k or ".attn2.to_v." in k),
+                                            ("dreambooth", lambda k: True)])
+def test_each_dreambooth_loop_trains_only_its_unet_weights(tiny, views, tmp_path, attack, trained):
     from safetensors.torch import load_file
 
-    train(tiny, views, "custom_diffusion", {"steps": 2, "lr": 1e-2}, out=tmp_path / "cd")
-    saved = load_file(tmp_path / "cd" / "unet" / "diffusion_pytorch_model.safetensors")
+    train(tiny, views, attack, {"steps": 2, "lr": 1e-2}, out=tmp_path / "a")
+    saved = load_file(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors")
     base = tiny.unet.state_dict()
     changed = {k for k, v in saved.items() if not torch.equal(v, base[k].float())}
-    assert changed == {k for k in saved if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    assert changed == {k for k in saved if trained(k)}
     assert len(changed) >= 2
 
 
