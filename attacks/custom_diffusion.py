@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ldu.registry import param
 
-from .dreambooth import DreamBoothParams, dreambooth
+from .dreambooth import DreamBoothParams, cost, dreambooth
 from .train import Attack
 
 
@@ -36,5 +36,5 @@ ATTACK = Attack(
     summary="Custom Diffusion: fine-tune only the UNet's cross-attention key/value projections (the prompt's path)",
     # pocket: lr 1e-3 lowers the held-out loss most (robot: 0.072 -> 0.054; 5e-3 0.057, 2e-2 0.069; docs/RESULTS.md)
     defaults={"tiny": dict(steps=10, lr=1e-3, num_class_images=4), "pocket": dict(lr=1e-3)},
-    cost=lambda p: p.steps * p.batch_size * 1.5 * (2 if p.prior_preservation else 1),  # as DreamBooth (full backward)
+    cost=cost,
 )

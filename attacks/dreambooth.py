@@ -27,6 +27,11 @@ from .data import DreamBoothBatches, train_loop
 from .train import Attack, AttackOutput, AttackParams
 
 
+# which of the UNet's parameters (by diffusers' names) each `train_unet` choice fine-tunes
+UNET_WEIGHTS = {"all": lambda name: True,
+                "cross_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name}
+
+
 @dataclass
 class DreamBoothParams(AttackParams):
     steps: int = param(400, "training steps")
@@ -53,11 +58,6 @@ class DreamBoothParams(AttackParams):
         super().__post_init__()
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
         check(self.train_unet in UNET_WEIGHTS, f"train_unet must be one of {', '.join(UNET_WEIGHTS)}, got {self.train_unet!r}")
-
-
-# which of the UNet's parameters (by diffusers' names) each `train_unet` choice fine-tunes
-UNET_WEIGHTS = {"all": lambda name: True,
-                "cross_kv": lambda name: ".attn2.to_k." in name or ".attn2.to_v." in name}
 
 
 def _optimizer(params, p: DreamBoothParams, device: torch.device):
@@ -119,6 +119,11 @@ def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, call
     return AttackOutput(kind="dreambooth", token=p.token, prompt=p.instance_prompt, train_curve=curve)
 
 
+def cost(p: DreamBoothParams) -> float:
+    """UNet forward+backward equivalents of one run (the backward goes through the whole UNet whichever weights train)."""
+    return p.steps * p.batch_size * 1.5 * (2 if p.prior_preservation else 1)
+
+
 ATTACK = Attack(
     name="dreambooth",
     params=DreamBoothParams,
@@ -127,5 +132,5 @@ ATTACK = Attack(
     summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
     # pocket: lr 5e-4 learns the subject in 400 steps (1e-4: gap closed 0.20; 1e-3: 0.42 and other prompts drift more)
     defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4), "pocket": dict(lr=5e-4)},
-    cost=lambda p: p.steps * p.batch_size * 1.5 * (2 if p.prior_preservation else 1),  # UNet forward+backward equivalents
+    cost=cost,
 )
