@@ -17,6 +17,8 @@ Its parts, each an option (`ObjectiveOptions`), each measured on its own (docs/R
   codec, a resize down and up, a blur), applied in the loop;
 - **a latent target**: minus `latent_target` x the distance of E(x) to the latent of flat grey (PhotoGuard's encoder
   attack, which protected most on pocket at its budget);
+- **a posterior shift**: plus `posterior_shift` x the distance of E(x)'s posterior (mean and log-variance) from the
+  clean photo's, PID's objective (Li et al. 2024), the baseline that protected most under Custom Diffusion on pocket;
 - **the direction**: the attacker's loss maximised (adversarial, as AdvDM and the paper), or minimised: an
   error-minimising perturbation, as unlearnable examples (Huang et al. 2021) and SDS(-) (Xue et al. 2024), which makes
   the photos already "explained" by the model so that fine-tuning has less of the subject left to learn.
@@ -48,6 +50,7 @@ class ObjectiveOptions:
     draws: int = 4
     posting: bool = False
     latent_target: float = 0.0
+    posterior_shift: float = 0.0
     minimise: bool = False
 
 
@@ -102,6 +105,10 @@ class Objective:
         if options.latent_target:
             with torch.no_grad():
                 self.target = backbone.encode(torch.full_like(x_clean[:1], 0.5))
+        self.posterior0 = None
+        if options.posterior_shift:  # PID's reference: the clean photos' posteriors, one per image
+            with torch.no_grad():
+                self.posterior0 = backbone.posterior(x_clean)
 
     @property
     def sign(self) -> int:
@@ -130,6 +137,14 @@ class Objective:
         value = self.sign * value  # minimise: the loss's negative is what is maximised
         if self.target is not None:
             value = value - self.o.latent_target * (self.bb.encode(x_p) - self.target).pow(2).flatten(1).mean(1)
+        if self.posterior0 is not None:
+            mean0, logvar0 = self.posterior0
+            if mean0.shape[0] != x_p.shape[0]:
+                raise ValueError("posterior_shift measures each image against its own clean photo: call the objective "
+                                 f"on the {mean0.shape[0]} images it was made with, not {x_p.shape[0]}")
+            mean, logvar = self.bb.posterior(x_p)
+            value = value + self.o.posterior_shift * ((mean - mean0).pow(2).flatten(1).mean(1)
+                                                      + (logvar - logvar0).pow(2).flatten(1).mean(1))
         return value
 
     def adapt(self, x_p: torch.Tensor) -> None:

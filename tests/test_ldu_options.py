@@ -16,7 +16,7 @@ FAST = {"iterations": 2, "rounds": 2, "ddim_steps": 2, "draws": 2, "lr": 0.5}
 
 @pytest.mark.parametrize("options", [{"surrogate": "lora", "surrogate_steps": 1}, {"surrogate": "ti", "surrogate_steps": 1},
                                      {"fresh_draws": True}, {"posting": True}, {"latent_target": 1.0},
-                                     {"minimise": True}])
+                                     {"posterior_shift": 1.0}, {"minimise": True}])
 def test_each_objective_option_runs_within_the_budget_and_leaves_the_backbone_as_it_was(tiny, options):
     before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
     r = protect([rgb(64, 64, seed=3)], tiny, params={**FAST, **options, "prompt": "a photo of sks robot"})
@@ -30,7 +30,7 @@ def test_each_objective_option_runs_within_the_budget_and_leaves_the_backbone_as
 def test_the_options_change_the_result(tiny):
     img = rgb(64, 64, seed=4)
     base = protect([img], tiny, params=FAST).images[0]
-    for options in ({"latent_target": 5.0}, {"fresh_draws": True}, {"minimise": True}):
+    for options in ({"latent_target": 5.0}, {"posterior_shift": 5.0}, {"fresh_draws": True}, {"minimise": True}):
         assert not torch.equal(base, protect([img], tiny, params={**FAST, **options}).images[0]), options
 
 
@@ -42,6 +42,22 @@ def test_minimise_moves_the_attackers_loss_the_other_way(tiny):
         clean = s["attacker_loss_clean_opt_draws"][0]  # reported as the attacker's loss in both directions
         reached = min(s["curve"]) if minimise else max(s["curve"])
         assert clean > 0 and (reached < clean if minimise else reached > clean), (minimise, clean, s["curve"])
+
+
+def test_posterior_shift_moves_the_encoders_posterior_away_from_the_clean_photos(tiny):
+    img = rgb(64, 64, seed=4)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean0, logvar0 = tiny.posterior(x)
+
+    def shift(weight):
+        out = protect([img], tiny, params={**FAST, "iterations": 4, "rounds": 1, "lr": 0.05, "posterior_shift": weight})
+        with torch.no_grad():
+            xp = out.images[0][None].to(x)
+            mean, logvar = tiny.posterior(xp)
+        return float((mean - mean0).pow(2).mean() + (logvar - logvar0).pow(2).mean())
+
+    assert shift(1e4) > 2 * shift(0.0)
 
 
 def test_the_paper_preset_is_the_papers_form_and_the_user_still_wins(tiny):

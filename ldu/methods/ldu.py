@@ -55,6 +55,8 @@ class LDUParams(MethodParams):
                                      "last iterate is kept (a best-so-far choice would fit the draws' noise)")
     posting: bool = param(False, "an expectation over posting transforms in the loop: JPEG 60-95, resize, blur")
     latent_target: float = param(0.0, "weight of a term pulling E(x) toward the latent of flat grey (PhotoGuard's target)")
+    posterior_shift: float = param(0.0, "weight of a term pushing E(x)'s posterior mean and log-variance away from the "
+                                        "clean photo's (PID's objective)")
     minimise: bool = param(False, "minimise the attacker's loss instead of maximising it: an error-minimising "
                                   "perturbation (unlearnable examples, SDS-) that leaves fine-tuning less to learn")
     checkpoint: bool = param(True, "recompute UNet activations in backward (memory for time)")
@@ -84,7 +86,7 @@ class LDUParams(MethodParams):
 def options(p: LDUParams) -> ObjectiveOptions:
     return ObjectiveOptions(prompt=p.prompt, surrogate=p.surrogate, surrogate_steps=p.surrogate_steps, surrogate_lr=p.surrogate_lr,
                             fresh_draws=p.fresh_draws, draws=p.draws, posting=p.posting, latent_target=p.latent_target,
-                            minimise=p.minimise)
+                            posterior_shift=p.posterior_shift, minimise=p.minimise)
 
 
 def trajectory_shift(backbone, x: torch.Tensor, params: LDUParams, draws, callback=None):
