@@ -126,12 +126,13 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
         pictures: Path | None = None, log=print, n_gen: int = 8, save=None, purification: tuple[str, dict] | None = None,
-        matched: dict | None = None, view_size: int | None = None) -> dict:
+        matched: dict | None = None, view_size: int | None = None, linf_ratio: float = 2.0) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
     given, is called with the report so far after every row (a run stopped after hours keeps what it measured).
     `purification` (name, params): the attacker purifies every set before training (the clean views too).
     `matched`: budgets already found, {"subject/label": {...}} as a report's "matched_budgets" holds them.
-    `view_size`: the training views' size in pixels (default: the backbone's; see subject_setup)."""
+    `view_size`: the training views' size in pixels (default: the backbone's; see subject_setup).
+    `linf_ratio`: the L-inf cap of every matched budget, as a multiple of its RMS (eval.grid.match_psnr)."""
     report: dict = {"personalization": [], "protection": []}
     matched = {tuple(k.split("/", 1)): v for k, v in (matched or {}).items()}
 
@@ -173,7 +174,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                             first = subject_setup(backbone, name, MATCH_SEED, attack, attack_params, view_size=view_size)
                             try:
                                 matched[k] = match_psnr(backbone, method, {**params, "seed": MATCH_SEED}, first.train,
-                                                        target_psnr)
+                                                        target_psnr, linf_ratio=linf_ratio)
                             except ValueError as err:  # this method on this subject only: the rest of the run goes on
                                 matched[k] = {"unmatched": str(err)}
                         if "unmatched" in matched[k]:
@@ -203,7 +204,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 
 # what runs must share for their rows to be one experiment (and each method label's parameters, where both have its rows)
-SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size")
+SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size", "linf_ratio")
 
 
 def _close(a, b) -> bool:
@@ -227,6 +228,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
     def setting(r, k):  # a report from before a setting was recorded holds its default
         if k == "purification" and r.get(k):  # every parameter resolved (early runs recorded only those given)
             return resolved_purification(r[k]["name"], r[k]["params"], kind_of(r["model"]))
+        if k == "linf_ratio":  # recorded since it became an option; every run before it matched at twice the RMS
+            return r.get(k) or 2.0
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):
@@ -464,6 +467,9 @@ def main(argv=None) -> int:
     ap.add_argument("--method-set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="a method parameter")
     ap.add_argument("--match-psnr", type=float, default=None, help="set each method's binding budget to land at this PSNR "
                                                                    "(a budget given with --method-set is kept)")
+    ap.add_argument("--linf-ratio", type=float, default=2.0, metavar="R",
+                    help="with --match-psnr: each matched budget's L-inf cap is R times its RMS (default 2, LDU's own "
+                         "8/255 and 16/255; near 1 the change must spread over every pixel, as sign-PGD's does)")
     ap.add_argument("--sweep", default=None, help="budgets in /255 (comma-separated): efficacy against PSNR")
     ap.add_argument("--purify", default=None, metavar="NAME", help="the attacker purifies every set it trains on first "
                                                                      "(the clean views too), e.g. posting, diffpure")
@@ -514,7 +520,7 @@ def main(argv=None) -> int:
     if args.budgets_from:
         try:
             matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr, attack_params, subjects, methods,
-                                   view_size)
+                                   view_size, args.linf_ratio)
         except ValueError as err:
             ap.error(str(err))
     t0 = time.perf_counter()
@@ -522,7 +528,7 @@ def main(argv=None) -> int:
     meta = {"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
             "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
-            "view_size": view_size,
+            "view_size": view_size, "linf_ratio": args.linf_ratio,
             "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
 
     def write(report: dict, partial: bool):
@@ -531,7 +537,7 @@ def main(argv=None) -> int:
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
                  save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched,
-                 view_size=view_size)
+                 view_size=view_size, linf_ratio=args.linf_ratio)
     report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary
@@ -550,7 +556,8 @@ def resolved_purification(name: str, params: dict, kind: str) -> dict:
 
 
 def budgets_from(path: Path, bb, method_params: dict, target: float | None, attack_params: dict | None = None,
-                 subjects: list[str] | None = None, methods: list[str] | None = None, view_size: int | None = None) -> dict:
+                 subjects: list[str] | None = None, methods: list[str] | None = None, view_size: int | None = None,
+                 linf_ratio: float = 2.0) -> dict:
     """An earlier run's matched budgets, if that run matched on the same backbone to the same PSNR with the same
     instance prompt (the protections' prompt): those of this run's subjects and method labels whose parameters are
     this run's (another variant's budget is found anew)."""
@@ -559,9 +566,11 @@ def budgets_from(path: Path, bb, method_params: dict, target: float | None, atta
     if not path.is_file():
         raise ValueError(f"--budgets-from: no such run file: {path}")
     r = json.loads(path.read_text())
-    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("view_size", view_size)):
-        if not _close(r.get(k), ours):
-            raise ValueError(f"--budgets-from {path}: its {k} is {r.get(k)!r}, this run's {ours!r}: its budgets would "
+    for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("view_size", view_size),
+                    ("linf_ratio", linf_ratio)):
+        theirs = (r.get(k) or 2.0) if k == "linf_ratio" else r.get(k)  # runs from before the option matched at 2
+        if not _close(theirs, ours):
+            raise ValueError(f"--budgets-from {path}: its {k} is {theirs!r}, this run's {ours!r}: its budgets would "
                              "not land at this run's PSNR")
     prompt = (r.get("attack_params") or {}).get("instance_prompt"), (attack_params or {}).get("instance_prompt")
     if prompt[0] != prompt[1]:

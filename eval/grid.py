@@ -262,13 +262,14 @@ class Runner:
                 "protect_stats": {k: v for k, v in protect_stats.items() if k != "method"}, "prompt": side.prompt}
 
 
-def match_psnr(backbone, method: str, params: dict, views, target_db: float, tolerance: float = 0.3, max_runs: int = 8) -> dict:
+def match_psnr(backbone, method: str, params: dict, views, target_db: float, tolerance: float = 0.3, max_runs: int = 8,
+               linf_ratio: float = 2.0) -> dict:
     """The budget that puts the protected views' mean PSNR within `tolerance` dB of `target_db`, by a secant search
     on log(budget) (PSNR is close to linear in it) from the RMS that would give the target exactly, and a bisection
     once two budgets bracket the target (a PGD method's PSNR can jump with its budget, and a secant then cycles).
 
-    Every method is matched on its RMS budget, with its L-inf cap set to twice it (LDU's own ratio: 8/255 and
-    16/255). An L-inf budget alone cannot be matched: with most pixels at the cap (sign-PGD fills its box) the saved
+    Every method is matched on its RMS budget, with its L-inf cap set to `linf_ratio` times it (default twice: LDU's
+    own ratio, 8/255 and 16/255; near 1 a residual must spread over every pixel, as sign-PGD's does). An L-inf budget alone cannot be matched: with most pixels at the cap (sign-PGD fills its box) the saved
     residual's PSNR moves in jumps of 1-2 dB per 1/255 of L-inf; the RMS projection, then stochastic rounding held
     inside the budget (`ldu.protect.quantise`), moves it smoothly. Returns {"budget_rms", "linf", "psnr": reached,
     "runs": n, "target_psnr"}."""
@@ -277,11 +278,12 @@ def match_psnr(backbone, method: str, params: dict, views, target_db: float, tol
     tried: list[tuple[float, float]] = []
     budget = start
     for _ in range(max_runs):
-        result = protect(views, backbone, method=method, params={**params, "budget_rms": budget, "linf": min(1.0, 2 * budget)})
+        result = protect(views, backbone, method=method, params={**params, "budget_rms": budget, "linf": min(1.0, linf_ratio * budget)})
         reached = statistics.fmean(s["psnr"] for s in result.stats["images"])
         tried.append((math.log(budget), reached))
         if abs(reached - target_db) <= tolerance:
-            return {"budget_rms": budget, "linf": min(1.0, 2 * budget), "psnr": reached, "runs": len(tried), "target_psnr": target_db}
+            return {"budget_rms": budget, "linf": min(1.0, linf_ratio * budget), "psnr": reached, "runs": len(tried),
+                    "target_psnr": target_db}
         above = [t for t in tried if t[1] > target_db]  # too little change
         below = [t for t in tried if t[1] < target_db]  # too much
         if above and below:  # bracketed: bisect (a PGD method's PSNR can jump with its budget; a secant then cycles)

@@ -15,7 +15,7 @@ import torch
 from conftest import rgb
 from eval.config import ConfigError, load, parse
 from eval.metrics import measure
-from ldu import get_method
+from ldu import get_method, protect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -383,12 +383,18 @@ def test_ssim_of_a_large_image_in_tiles_is_the_whole_image_ssim():
     assert ssim(a, b) == pytest.approx(whole, abs=1e-6)
 
 
-def test_match_psnr_lands_within_tolerance(tiny):
+def test_match_psnr_lands_within_tolerance(tiny, monkeypatch):
+    import eval.grid
     from eval.grid import match_psnr
 
     views = [torch.from_numpy(np.array(rgb(64, 64, seed=i))).permute(2, 0, 1).float() / 255 for i in range(2)]
     found = match_psnr(tiny, "advdm", {"iterations": 8}, views, 42.0)
     assert abs(found["psnr"] - 42.0) <= 0.3 and found["linf"] == pytest.approx(2 * found["budget_rms"]) and found["runs"] >= 1
+    ran = []  # every protection the search runs carries the ratio, not only the budget it returns
+    monkeypatch.setattr(eval.grid, "protect", lambda *a, params, **k: ran.append(params) or protect(*a, params=params, **k))
+    tight = match_psnr(tiny, "ldu", {"iterations": 2, "ddim_steps": 2, "draws": 1}, views, 42.0, linf_ratio=1.1)
+    assert abs(tight["psnr"] - 42.0) <= 0.3 and tight["linf"] == pytest.approx(1.1 * tight["budget_rms"])
+    assert ran and all(p["linf"] == pytest.approx(1.1 * p["budget_rms"]) for p in ran)
 
 
 def test_a_method_whose_psnr_cannot_be_matched_is_skipped_by_name_and_the_run_goes_on(tiny):
@@ -442,6 +448,10 @@ def test_purify_makes_the_attacker_purify_every_set_and_budgets_from_reuses_a_ru
     assert ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, methods=["ldu", "noise+x"]) == {}
     with pytest.raises(ValueError, match="instance prompt"):
         ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, {"instance_prompt": "a photo of sks dog"})
+    # ... and with the same L-inf ratio (a run file from before the option matched at 2)
+    assert ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, linf_ratio=2.0) == given
+    with pytest.raises(ValueError, match="its linf_ratio is 2.0, this run's 1.1"):
+        ef.budgets_from(tmp_path / "v.json", tiny, {}, 35.0, linf_ratio=1.1)
     # the CLI: a run file matched to another target is refused before any work, and so is --purify-set alone
     (tmp_path / "r.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 32.0,
                                                  "method_params": {}, "matched_budgets": given}))
