@@ -269,10 +269,11 @@ def match_psnr(backbone, method: str, params: dict, views, target_db: float, tol
     once two budgets bracket the target (a PGD method's PSNR can jump with its budget, and a secant then cycles).
 
     Every method is matched on its RMS budget, with its L-inf cap set to `linf_ratio` times it (default twice: LDU's
-    own ratio, 8/255 and 16/255; near 1 a residual must spread over every pixel, as sign-PGD's does). An L-inf budget alone cannot be matched: with most pixels at the cap (sign-PGD fills its box) the saved
-    residual's PSNR moves in jumps of 1-2 dB per 1/255 of L-inf; the RMS projection, then stochastic rounding held
-    inside the budget (`ldu.protect.quantise`), moves it smoothly. Returns {"budget_rms", "linf", "psnr": reached,
-    "runs": n, "target_psnr"}."""
+    own ratio, 8/255 and 16/255; near 1 a residual must spread over every pixel, as sign-PGD's does). An L-inf budget
+    alone cannot be matched: with most pixels at the cap (sign-PGD fills its box) the saved residual's PSNR moves in
+    jumps of 1-2 dB per 1/255 of L-inf; the RMS projection, then stochastic rounding held inside the budget
+    (`ldu.protect.quantise`), moves it smoothly. Returns {"budget_rms", "linf", "psnr": reached, "runs": n,
+    "target_psnr"}."""
     get_method(method)  # an unknown name fails here
     start = 10 ** (-target_db / 20)  # the RMS that gives target_db exactly
     tried: list[tuple[float, float]] = []

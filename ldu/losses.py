@@ -86,3 +86,12 @@ def attacker_loss(backbone, x: torch.Tensor, cond: torch.Tensor, draws: Draws, r
                   checkpoint: bool = False, max_batch: int | None = None) -> torch.Tensor:
     """diffusion_loss of the backbone on s * E(x).mean, x in [0,1] [B,3,H,W], with the attack prompt `cond`."""
     return diffusion_loss(backbone, backbone.encode(x), cond, draws, reduction, checkpoint, max_batch)
+
+
+def posterior_distance(posterior: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
+                       logvar_weight: float = 1.0) -> torch.Tensor:
+    """PID's objective (Li et al. 2024), per image [B]: the mean squared change of the VAE posterior's mean plus
+    `logvar_weight` x that of its log-variance, between `posterior` and `reference` ((mean, logvar) pairs from
+    `backbone.posterior`)."""
+    (mean, logvar), (mean0, logvar0) = posterior, reference
+    return (mean - mean0).pow(2).flatten(1).mean(1) + logvar_weight * (logvar - logvar0).pow(2).flatten(1).mean(1)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .finetune import UNET_LORA_TARGETS, add_lora, learn_token, remove_lora, train_step
-from .losses import Draws, attacker_loss, make_draws
+from .losses import Draws, attacker_loss, make_draws, posterior_distance
 
 SURROGATES = ("base", "lora", "ti")
 ADAPTER = "ldu_surrogate"
@@ -138,13 +138,10 @@ class Objective:
         if self.target is not None:
             value = value - self.o.latent_target * (self.bb.encode(x_p) - self.target).pow(2).flatten(1).mean(1)
         if self.posterior0 is not None:
-            mean0, logvar0 = self.posterior0
-            if mean0.shape[0] != x_p.shape[0]:
+            if self.posterior0[0].shape[0] != x_p.shape[0]:
                 raise ValueError("posterior_shift measures each image against its own clean photo: call the objective "
-                                 f"on the {mean0.shape[0]} images it was made with, not {x_p.shape[0]}")
-            mean, logvar = self.bb.posterior(x_p)
-            value = value + self.o.posterior_shift * ((mean - mean0).pow(2).flatten(1).mean(1)
-                                                      + (logvar - logvar0).pow(2).flatten(1).mean(1))
+                                 f"on the {self.posterior0[0].shape[0]} images it was made with, not {x_p.shape[0]}")
+            value = value + self.o.posterior_shift * posterior_distance(self.bb.posterior(x_p), self.posterior0)
         return value
 
     def adapt(self, x_p: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses import posterior_distance
 from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import pgd
 
@@ -34,11 +35,10 @@ class PIDParams(MethodParams):
 
 def pid(backbone, x: torch.Tensor, p: PIDParams, draws, callback=None):
     with torch.no_grad():
-        mu0, logvar0 = backbone.posterior(x)
+        reference = backbone.posterior(x)
 
     def objective(xa, step=0):
-        mu, logvar = backbone.posterior(xa)
-        return (mu - mu0).pow(2).flatten(1).mean(1) + p.logvar_weight * (logvar - logvar0).pow(2).flatten(1).mean(1)
+        return posterior_distance(backbone.posterior(xa), reference, p.logvar_weight)
 
     # A seeded random start inside the ball: at x itself the objective is at its minimum with zero gradient.
     g = torch.Generator().manual_seed(p.seed)
