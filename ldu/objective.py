@@ -3,6 +3,7 @@
 
     objective = Objective(backbone, options, x_clean, fixed_draws, seed)
     value = objective(x_protected)        # [B]: to maximise (differentiable in x_protected)
+    objective.last_attacker_loss          # [B]: that call's attacker loss alone (no sign, no extra terms)
     objective.adapt(x_protected)          # the surrogate follows the fine-tuning (when options.surrogate is "lora")
     objective.close()                     # removes the surrogate's adapter from the backbone
 
@@ -86,6 +87,7 @@ class Objective:
         self.g = torch.Generator().manual_seed(seed)
         self.cond = backbone.encode_prompt(options.prompt)
         self.lora = None
+        self.last_attacker_loss: torch.Tensor | None = None  # [B], set by each call: without the sign and extra terms
         try:
             self._setup(backbone, options, x_clean, seed)
         except BaseException:  # never leave an adapter in a shared backbone
@@ -134,6 +136,7 @@ class Objective:
         finally:
             if self.lora is not None:
                 self.bb.unet.disable_adapters()
+        self.last_attacker_loss = value.detach()  # the attacker's loss alone, for curves and stats
         value = self.sign * value  # minimise: the loss's negative is what is maximised
         if self.target is not None:
             value = value - self.o.latent_target * (self.bb.encode(x_p) - self.target).pow(2).flatten(1).mean(1)

@@ -44,6 +44,19 @@ def test_minimise_moves_the_attackers_loss_the_other_way(tiny):
         assert clean > 0 and (reached < clean if minimise else reached > clean), (minimise, clean, s["curve"])
 
 
+def test_the_curve_and_the_clean_stat_are_the_attackers_loss_alone(tiny):
+    # with an extra term the optimised value is not the attacker's loss: what LDU reports must still be
+    img = rgb(64, 64, seed=4)
+    params = {**FAST, "iterations": 2, "rounds": 1}
+
+    def stats(**options):
+        return protect([img], tiny, params={**params, **options}).stats["batch"]["method"]["groups"][0]
+
+    plain, weighted = stats(), stats(latent_target=1e4, posterior_shift=1e4)
+    assert weighted["attacker_loss_clean_opt_draws"] == pytest.approx(plain["attacker_loss_clean_opt_draws"])
+    assert plain["curve"][0] > 0 and all(0.5 * plain["curve"][0] < v < 2 * plain["curve"][0] for v in weighted["curve"])
+
+
 def test_posterior_shift_moves_the_encoders_posterior_away_from_the_clean_photos(tiny):
     img = rgb(64, 64, seed=4)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]

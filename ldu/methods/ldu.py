@@ -113,6 +113,7 @@ def _optimise(backbone, x, params: LDUParams, draws, objective: Objective, callb
 
     with torch.no_grad():
         clean_loss = objective(x, draws=draws, transform=False)
+        clean_attacker_loss = objective.last_attacker_loss
     best, best_loss = x.clone(), clean_loss.clone()  # residual mode keeps, per image, the best candidate seen
     per_round = [params.iterations // params.rounds + (r < params.iterations % params.rounds) for r in range(params.rounds)]
     x_cur, base0, curve, grad_norm_first, step = x.clone(), None, [], None, 0
@@ -153,7 +154,7 @@ def _optimise(backbone, x, params: LDUParams, draws, objective: Objective, callb
                         better = loss_adv > best_loss
                         best[better], best_loss[better] = x_p[better], loss_adv[better]
                 step += 1
-                curve.append(objective.sign * float(loss_adv.detach().mean()))  # the attacker's loss either way
+                curve.append(float(objective.last_attacker_loss.mean()))  # the attacker's loss alone, either direction
                 report(callback, {"stage": "ldu", "step": step, "total": params.iterations, "round": rnd + 1,
                                   "attacker_loss": curve[-1]})
             if last:
@@ -173,7 +174,7 @@ def _optimise(backbone, x, params: LDUParams, draws, objective: Objective, callb
         "timesteps": timesteps,
         "curve": curve,
         "grad_norm_first": grad_norm_first,
-        "attacker_loss_clean_opt_draws": (objective.sign * clean_loss).tolist(),
+        "attacker_loss_clean_opt_draws": clean_attacker_loss.tolist(),
     }
     if not residual and base0 is not None:
         mse = (x_cur - base0).pow(2).flatten(1).mean(1)
