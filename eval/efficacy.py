@@ -65,10 +65,12 @@ def spread(values: list) -> dict:
 
 
 def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: dict, n_train: int = 4, n_held: int = 8,
-                  n_gen: int = 8, everyone: dict | None = None, view_size: int | None = None) -> experiment.Setup:
+                  n_gen: int = 8, everyone: dict | None = None, view_size: int | None = None,
+                  guidance: float | None = None) -> experiment.Setup:
     """The paired experiment's setup for a built-in subject and seed: that seed's views at the backbone's size, or the
     training views at `view_size` (photos larger than the model's size: protected and purified at that size, shrunk by
-    the attack as it shrinks a user's photos; the held-out views stay at the model's size)."""
+    the attack as it shrinks a user's photos; the held-out views stay at the model's size). `guidance`: the
+    generations' classifier-free guidance (None: the backbone kind's default, experiment.GENERATION)."""
 
     def tensors(a):
         return [torch.from_numpy(v.copy()).permute(2, 0, 1).float() / 255 for v in a]
@@ -78,7 +80,7 @@ def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: di
         train=tensors(subject_views(name, "train", n_train, seed=seed, size=view_size or size)[0]),
         held_out=tensors(subject_views(name, "held_out", n_held, seed=seed, size=size)[0]),
         noun=get_subject(name).noun, seed=seed, attack=attack, attack_params=attack_params, n_gen=n_gen,
-        subjects=everyone, subject=name)
+        guidance=guidance, subjects=everyone, subject=name)
 
 
 def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
@@ -126,13 +128,15 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
         pictures: Path | None = None, log=print, n_gen: int = 8, save=None, purification: tuple[str, dict] | None = None,
-        matched: dict | None = None, view_size: int | None = None, linf_ratio: float = 2.0) -> dict:
+        matched: dict | None = None, view_size: int | None = None, linf_ratio: float = 2.0,
+        guidance: float | None = None) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
     given, is called with the report so far after every row (a run stopped after hours keeps what it measured).
     `purification` (name, params): the attacker purifies every set before training (the clean views too).
     `matched`: budgets already found, {"subject/label": {...}} as a report's "matched_budgets" holds them.
     `view_size`: the training views' size in pixels (default: the backbone's; see subject_setup).
-    `linf_ratio`: the L-inf cap of every matched budget, as a multiple of its RMS (eval.grid.match_psnr)."""
+    `linf_ratio`: the L-inf cap of every matched budget, as a multiple of its RMS (eval.grid.match_psnr).
+    `guidance`: the generations' classifier-free guidance (None: the backbone kind's default)."""
     report: dict = {"personalization": [], "protection": []}
     matched = {tuple(k.split("/", 1)): v for k, v in (matched or {}).items()}
 
@@ -143,7 +147,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
     for name in subjects:
         for seed in seeds:
             setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed),
-                                  view_size=view_size)
+                                  view_size=view_size, guidance=guidance)
             t0 = time.perf_counter()
             # the base and clean sides once per subject and seed, paired with every method's protected side
             base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train,
@@ -204,7 +208,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 
 # what runs must share for their rows to be one experiment (and each method label's parameters, where both have its rows)
-SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size", "linf_ratio")
+SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size", "linf_ratio",
+        "guidance")
 
 
 def _close(a, b) -> bool:
@@ -230,6 +235,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             return resolved_purification(r[k]["name"], r[k]["params"], kind_of(r["model"]))
         if k == "linf_ratio":  # recorded since it became an option; every run before it matched at twice the RMS
             return r.get(k) or 2.0
+        if k == "guidance":  # recorded since it became an option; every run before it generated at the kind's default
+            return r.get(k) or experiment.GENERATION[kind_of(r["model"])][1]
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):
@@ -477,6 +484,9 @@ def main(argv=None) -> int:
     ap.add_argument("--view-size", type=int, default=None, metavar="PX",
                     help="training views this many pixels square (default: the model's size): protected and purified at "
                          "that size and shrunk by the attack, as a user's photos are (e.g. 128 on pocket, for gridpure)")
+    ap.add_argument("--guidance", type=float, default=None, metavar="G",
+                    help="classifier-free guidance of the attacker's generations (default: the model's, "
+                         f"{', '.join(f'{k} {v[1]:g}' for k, v in experiment.GENERATION.items())})")
     ap.add_argument("--budgets-from", type=Path, default=None, metavar="RUN.json",
                     help="with --match-psnr: reuse that run's matched budgets (same backbone, method settings, target)")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here, after every row ('partial': "
@@ -502,6 +512,9 @@ def main(argv=None) -> int:
             method_params.setdefault(label, {}).update(parse_overrides([rest], get_method(label.split("+")[0]).params,
                                                                        flag="--method-set "))
         budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
+        if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+            raise ValueError(f"--guidance must be a number of at least 0 (1 or below: no classifier-free guidance), "
+                             f"got {args.guidance}")
         purification = None
         if args.purify:  # every parameter resolved (the backbone kind's defaults too), so the report says what ran
             given = parse_overrides(args.purify_set, get_purification(args.purify).params, flag="--purify-set ")
@@ -529,6 +542,7 @@ def main(argv=None) -> int:
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
             "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
             "view_size": view_size, "linf_ratio": args.linf_ratio,
+            "guidance": args.guidance if args.guidance is not None else experiment.GENERATION[kind_of(args.model)][1],
             "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
 
     def write(report: dict, partial: bool):
@@ -537,7 +551,7 @@ def main(argv=None) -> int:
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
                  save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched,
-                 view_size=view_size, linf_ratio=args.linf_ratio)
+                 view_size=view_size, linf_ratio=args.linf_ratio, guidance=args.guidance)
     report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary

@@ -501,6 +501,29 @@ def test_view_size_protects_and_purifies_larger_training_views_and_is_part_of_th
     assert err.value.code == 2 and "below the model's size" in capsys.readouterr().err
 
 
+def test_guidance_reaches_every_generation_and_is_part_of_the_experiment(tiny, monkeypatch, capsys):
+    """--guidance: the base, clean and protected sides generate at it; runs at another guidance are another
+    experiment, and a run from before the option merges as the model's default; a bad value fails before any work."""
+    import eval.efficacy as ef
+    import eval.experiment as ex
+
+    used = []
+    real = ex.generate
+    monkeypatch.setattr(ex, "generate", lambda *a, **k: (used.append(k["guidance"]), real(*a, **k))[1])
+    ef.run(tiny, ["robot"], [0], ["noise"], "lora_dreambooth", {"steps": 1}, n_gen=2, log=lambda *a: None,
+           method_params={"noise": {"budget_rms": 4 / 255}}, guidance=9.0)
+    assert len(used) >= 3 and set(used) == {9.0}  # base, clean attack, protected attack
+    default = ex.GENERATION["pocket"][1]
+    with pytest.raises(ValueError, match="differ in guidance"):
+        ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "guidance": default + 1}])
+    merged = ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "guidance": default}])
+    assert merged["guidance"] == default
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as err:
+            ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--guidance", bad])
+        assert err.value.code == 2 and "--guidance must be" in capsys.readouterr().err
+
+
 def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
     from eval.efficacy import main
 
