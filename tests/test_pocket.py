@@ -136,7 +136,7 @@ def test_training_is_seeded_and_resumes(tmp_path):
 
 
 def test_gpu_preset_path_on_a_cpu(tmp_path):
-    """The shipped weights' preset (image pools, whole-image VAE crops, the wider text encoder) at toy sizes."""
+    """The gpu preset (image pools, whole-image VAE crops, the wider text encoder) at toy sizes."""
     from dataclasses import replace
 
     from ldu import load_backbone
@@ -148,6 +148,27 @@ def test_gpu_preset_path_on_a_cpu(tmp_path):
     assert json.loads((folder / "training.json").read_text())["config"]["vae_pool"] == 128
     bb = load_backbone(str(folder), device="cpu", dtype=torch.float32)
     assert bb.text_encoder.config.hidden_size == 128 and bb.unet.config.cross_attention_dim == 128
+
+
+def test_vae_limits_separate_the_decoders_range_from_the_encoder_and_refine_one_part_alone(capsys):
+    """`python -m ldu.pocket limits` (random weights: only the mechanics are tested): the latent optimised through the
+    decoder reconstructs better than the encoder's and is reported with its distance; a decoder refine keeps the
+    latent space exactly, an encoder refine moves it, less under a larger anchor; bad steps fail by name."""
+    from ldu.pocket.__main__ import main
+    from ldu.pocket.limits import limits, show
+
+    res = limits("tiny", "decoder", steps=2, range_steps=30, log=lambda *a: None)
+    d = res["decoder_range"]
+    assert d["optimised_latent"]["whole"] > d["encoder"]["whole"] and d["latent_rms_moved"] > 0
+    assert res["refine"]["latent_drift"] == {"subjects": 0.0, "fresh": 0.0}
+    assert res["refine"]["measures"] != res["measures"]  # the decoder did train
+    loose = limits("tiny", "encoder", steps=3, range_steps=1, anchor=0.0, lr=1e-3, log=lambda *a: None)["refine"]
+    held = limits("tiny", "encoder", steps=3, range_steps=1, anchor=1e4, lr=1e-3, log=lambda *a: None)["refine"]
+    assert 0 < held["latent_drift"]["fresh"] < loose["latent_drift"]["fresh"]
+    assert "encoder refined, 3 steps" in show({**res, "refine": held})
+    with pytest.raises(SystemExit) as err:
+        main(["limits", "--model", "tiny", "--steps", "0"])
+    assert err.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
 
 
 def test_image_pools_do_not_depend_on_the_number_of_processes():

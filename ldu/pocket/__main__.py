@@ -1,6 +1,7 @@
-"""python -m ldu.pocket train --out DIR [--preset cpu|gpu]  |  python -m ldu.pocket check [--model DIR]"""
+"""python -m ldu.pocket train --out DIR [--preset cpu|gpu]  |  check [--model DIR]  |  limits [--refine encoder|decoder]"""
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train (or resume) the pocket backbone; writes DIR/pipeline")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: about 2 h on 2 cores; gpu: the shipped weights (larger batches and text encoder)")
+                   help="cpu: the shipped weights, about 2 h on 2 cores; gpu: larger batches and text encoder, never run yet")
     t.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--vae-steps", type=int, default=None)
@@ -29,6 +30,16 @@ def main(argv=None) -> int:
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
     c.add_argument("--out", type=Path, default=None, help="where to write check.json and grid.png (default: the model folder)")
     c.add_argument("--samples", type=int, default=16, help="generations per caption class")
+    lim = sub.add_parser("limits", help="where the VAE's reconstructions are limited: the decoder's range, and the "
+                                        "encoder or decoder fine-tuned alone (measured, never saved)")
+    lim.add_argument("--model", default="pocket", help="pocket, or a folder")
+    lim.add_argument("--refine", choices=("encoder", "decoder"), default=None, help="also fine-tune this part alone")
+    lim.add_argument("--steps", type=int, default=600, help="refine steps (batch 16)")
+    lim.add_argument("--lr", type=float, default=1e-4, help="refine learning rate")
+    lim.add_argument("--anchor", type=float, default=1.0, help="encoder refine: weight holding its latents near the model's")
+    lim.add_argument("--range-steps", type=int, default=400, help="Adam steps of the latent optimised through the decoder")
+    lim.add_argument("--out", type=Path, default=None, help="also write the numbers here as JSON")
+    lim.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -37,6 +48,17 @@ def main(argv=None) -> int:
                                        ("decoder_steps", args.decoder_steps), ("dataset", args.dataset)) if v is not None}
         folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
         print(f"wrote {folder}")
+        return 0
+    if args.command == "limits":
+        from .limits import limits, show  # deferred: only this command needs it
+
+        for name in ("steps", "range_steps"):
+            if getattr(args, name) < 1:
+                ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        res = limits(args.model, args.refine, args.steps, args.range_steps, args.anchor, args.lr)
+        print(show(res))
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=2) + "\n")
         return 0
     check(args.model, args.out, samples=args.samples)
     return 0

@@ -48,6 +48,11 @@ def synthetic_images(size: int = data.SIZE) -> dict[str, torch.Tensor]:
     return {k: to_unit(v[None])[0] for k, v in out.items()}
 
 
+def whole_photo(name: str) -> torch.Tensor:
+    """A photo subject's whole photo squashed to the model's size: [1,3,64,64] in [0,1] (EYES are boxes in chelsea's)."""
+    return to_unit(np.asarray(Image.fromarray(data.photo(name)).resize((data.SIZE, data.SIZE), Image.LANCZOS))[None])
+
+
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / max(float((a - b).pow(2).mean()), 1e-12))
 
@@ -74,14 +79,12 @@ def vae_measures(round_trip, seed: int = 5) -> tuple[dict, torch.Tensor]:
                         for k, a, b in zip(synth, x, rec)}
     res["synthetic_psnr_min"] = min(v["psnr"] for v in res["synthetic"].values())
     res["synthetic_colour_shift_max_255"] = max(abs(e) for v in res["synthetic"].values() for e in v["mean_error_255"])
-    whole = torch.from_numpy(np.asarray(Image.fromarray(data.photo("chelsea")).resize((data.SIZE, data.SIZE), Image.LANCZOS)))
-    cat = whole.permute(2, 0, 1).float()[None] / 255
+    cat = whole_photo("chelsea")
     cat_rec = round_trip(cat).clamp(0, 1)
     res["chelsea_whole_psnr"] = _psnr(cat[0], cat_rec[0])
     for k, (l, t, r, b) in EYES.items():
         res[f"chelsea_{k}_psnr"] = _psnr(cat[0, :, t:b, l:r], cat_rec[0, :, t:b, l:r])
-    coffee = torch.from_numpy(np.asarray(Image.fromarray(data.photo("coffee")).resize((data.SIZE, data.SIZE), Image.LANCZOS)))
-    cup = coffee.permute(2, 0, 1).float()[None] / 255
+    cup = whole_photo("coffee")
     originals = torch.cat([cat, cup, x[:1]])
     picture = torch.cat([torch.cat(list(originals), 2), torch.cat(list(round_trip(originals).clamp(0, 1)), 2)], 1)
     return res, picture

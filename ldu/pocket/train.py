@@ -2,7 +2,7 @@
 text encoder trained with it) on the data of `ldu.pocket.data`.
 
     python -m ldu.pocket train --out runs/pocket                # resumes from runs/pocket/checkpoints if present
-    python -m ldu.pocket train --out runs/pocket --preset gpu   # the shipped weights: bigger batches, on a GPU
+    python -m ldu.pocket train --out runs/pocket --preset gpu   # bigger batches and text encoder, on a GPU
 
 Stages, each checkpointed and resumable: (1) the VAE on random crops (`vae_crop`: 32 px on a CPU, where a conv
 net trains about as well on crops as on whole images at a quarter of the cost); (2) latent statistics, with the per-channel mean folded into quant_conv /
