@@ -50,7 +50,7 @@ def synthetic_images(size: int = data.SIZE) -> dict[str, torch.Tensor]:
 
 def whole_photo(name: str) -> torch.Tensor:
     """A photo subject's whole photo squashed to the model's size: [1,3,64,64] in [0,1] (EYES are boxes in chelsea's)."""
-    return to_unit(np.asarray(Image.fromarray(data.photo(name)).resize((data.SIZE, data.SIZE), Image.LANCZOS))[None])
+    return to_unit(np.array(Image.fromarray(data.photo(name)).resize((data.SIZE, data.SIZE), Image.LANCZOS))[None])
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
