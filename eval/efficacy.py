@@ -236,7 +236,7 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
         if k == "linf_ratio":  # recorded since it became an option; every run before it matched at twice the RMS
             return r.get(k) or 2.0
         if k == "guidance":  # recorded since it became an option; every run before it generated at the kind's default
-            return r.get(k) or experiment.GENERATION[kind_of(r["model"])][1]
+            return r[k] if r.get(k) is not None else experiment.GENERATION[kind_of(r["model"])][1]
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):

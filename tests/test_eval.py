@@ -518,6 +518,8 @@ def test_guidance_reaches_every_generation_and_is_part_of_the_experiment(tiny, m
         ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "guidance": default + 1}])
     merged = ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "guidance": default}])
     assert merged["guidance"] == default
+    with pytest.raises(ValueError, match="differ in guidance"):  # 0 is a guidance, not "unrecorded"
+        ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "guidance": 0.0}])
     for bad in ("-1", "nan"):
         with pytest.raises(SystemExit) as err:
             ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--guidance", bad])

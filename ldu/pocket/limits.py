@@ -1,8 +1,8 @@
 """Where a pocket VAE's reconstructions are limited: by its encoder, its decoder, or its latent space.
 
-    python -m ldu.pocket limits                                  # the decoder's range (about 1 min on 2 cores)
+    python -m ldu.pocket limits                                  # the decoder's range (20 s on 2 cores)
     python -m ldu.pocket limits --refine encoder --steps 600     # and the encoder alone fine-tuned (about 6 min)
-    python -m ldu.pocket limits --refine decoder --steps 600     # or the decoder alone (about 5 min)
+    python -m ldu.pocket limits --refine decoder --steps 600     # or the decoder alone (about 6 min)
 
 (1) The decoder's range: the latent of chelsea's whole photo (squashed to 64 x 64) optimised through the frozen
 decoder (Adam from the encoder's latent), so the eye boxes' PSNR is what the decoder can draw from some latent, and
@@ -66,8 +66,8 @@ def decoder_range(vae, scaling: float, steps: int = 400, lr: float = 0.02) -> di
 
 def refine(vae, part: str, steps: int, lr: float = 1e-4, anchor: float = 1.0, batch: int = 16, seed: int = 0,
            photo_fraction: float = 0.8, log=print):
-    """A copy of `vae` with `part` ("encoder" or "decoder") trained alone for `steps` (check.py's reconstruction
-    loss; the encoder's latents held near the original's by `anchor`). Returns the copy."""
+    """A copy of `vae` with `part` ("encoder" or "decoder") trained alone for `steps` (the training's reconstruction
+    loss, on the VAE stage's kinds of data; the encoder's latents held near the original's by `anchor`). Returns the copy."""
     if part not in ("encoder", "decoder"):
         raise ValueError(f"refine: part must be encoder or decoder, got {part!r}")
     ref, vae = vae, copy.deepcopy(vae)
@@ -110,6 +110,7 @@ def latent_drift(ref, vae, scaling: float, seed: int = 5) -> dict:
 
 def limits(model: str = "pocket", part: str | None = None, steps: int = 600, range_steps: int = 400,
            anchor: float = 1.0, lr: float = 1e-4, log=print) -> dict:
+    """The decoder's range and the VAE measures of `model`, and with `part` those of that part refined alone."""
     torch.manual_seed(0)
     bb = load_backbone(model, device="cpu", dtype=torch.float32)
     vae, scaling = bb.vae.eval(), bb.vae.config.scaling_factor
