@@ -135,6 +135,29 @@ def test_training_is_seeded_and_resumes(tmp_path):
         train(tmp_path / "a", Config(vae_steps=5, unet_steps=3, dataset=64), progress=_quiet)
 
 
+def test_init_from_keeps_the_vae_and_goes_on_training_the_unet(tmp_path):
+    """--init-from: the VAE (so the latent space) and its statistics are the source model's byte for byte, the UNet
+    and text encoder start from its weights and train on; a folder of another preset's sizes is refused by name."""
+    from dataclasses import replace
+
+    from ldu.pocket.train import Config, train
+
+    cfg = Config(vae_steps=3, unet_steps=3, decoder_steps=3, dataset=64, vae_batch=4, unet_batch=4)
+    src = train(tmp_path / "a", cfg, progress=_quiet)
+    more = train(tmp_path / "b", replace(cfg, init_from=str(src), unet_steps=2, decoder_steps=0, seed=1), progress=_quiet)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (more / vae).read_bytes() == (src / vae).read_bytes()
+    stats = ("latent_mean_removed", "latent_std", "scaling_factor")
+    a, b = (json.loads((f / "training.json").read_text()) for f in (src, more))
+    assert {k: a[k] for k in stats} == {k: b[k] for k in stats}
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (more / unet).read_bytes() != (src / unet).read_bytes()
+    with pytest.raises(ValueError, match="text_hidden"):
+        train(tmp_path / "c", replace(cfg, init_from=str(src), text_hidden=128), progress=_quiet)
+    with pytest.raises(ValueError, match="not a pocket folder"):
+        train(tmp_path / "d", replace(cfg, init_from=str(tmp_path)), progress=_quiet)
+
+
 def test_gpu_preset_path_on_a_cpu(tmp_path):
     """The gpu preset (image pools, whole-image VAE crops, the wider text encoder) at toy sizes."""
     from dataclasses import replace

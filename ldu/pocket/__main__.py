@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     t.add_argument("--unet-steps", type=int, default=None)
     t.add_argument("--decoder-steps", type=int, default=None)
     t.add_argument("--dataset", type=int, default=None, help="images in the encoded UNet training set")
+    t.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="pocket or a pocket folder: keep its VAE, go on training its UNet and text encoder (give "
+                        "--decoder-steps 0 to keep its decoder too)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.command == "train":
         overrides = {k: v for k, v in (("seed", args.seed), ("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
-                                       ("decoder_steps", args.decoder_steps), ("dataset", args.dataset)) if v is not None}
+                                       ("decoder_steps", args.decoder_steps), ("dataset", args.dataset),
+                                       ("init_from", args.init_from)) if v is not None}
         folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
         print(f"wrote {folder}")
         return 0

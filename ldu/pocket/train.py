@@ -3,6 +3,8 @@ text encoder trained with it) on the data of `ldu.pocket.data`.
 
     python -m ldu.pocket train --out runs/pocket                # resumes from runs/pocket/checkpoints if present
     python -m ldu.pocket train --out runs/pocket --preset gpu   # bigger batches and text encoder, on a GPU
+    python -m ldu.pocket train --out runs/more --init-from pocket --seed 1 --unet-steps 3000 --decoder-steps 0
+                                                                # go on training a model's UNet, its VAE kept
 
 Stages, each checkpointed and resumable: (1) the VAE on random crops (`vae_crop`: 32 px on a CPU, where a conv
 net trains about as well on crops as on whole images at a quarter of the cost); (2) latent statistics, with the per-channel mean folded into quant_conv /
@@ -73,6 +75,7 @@ class Config:
     unet_channels: tuple = (32, 64, 64)
     text_hidden: int = 64
     text_layers: int = 2
+    init_from: str | None = None  # a pocket folder (or "pocket"): keep its VAE, go on training its UNet and text encoder
 
 
 PRESETS = {
@@ -326,9 +329,34 @@ def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out
     text.eval()
 
 
+def load_start(cfg: Config, tokenizer) -> tuple:
+    """(vae, text, unet, latent stats): built afresh, or with `cfg.init_from` loaded from that pocket folder, whose
+    VAE (so its latent space) is kept and whose latent statistics are carried over."""
+    if not cfg.init_from:
+        return (*build_models(cfg, tokenizer), None)
+    from ..backbone import BUILTIN  # deferred: the backbone module imports the pipelines
+
+    src = BUILTIN.get(cfg.init_from, Path(cfg.init_from))
+    if not (src / "training.json").is_file():
+        raise ValueError(f"init_from: {src} is not a pocket folder (no training.json); give 'pocket' or a folder "
+                         "written by `python -m ldu.pocket train`")
+    stats = {k: v for k, v in json.loads((src / "training.json").read_text()).items()
+             if k in ("latent_mean_removed", "latent_std", "scaling_factor")}
+    vae, text = AutoencoderKL.from_pretrained(src, subfolder="vae"), CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+    found = {"latent_channels": vae.config.latent_channels, "text_hidden": text.config.hidden_size,
+             "text_layers": text.config.num_hidden_layers, "unet_channels": tuple(unet.config.block_out_channels)}
+    wrong = {k: v for k, v in found.items() if v != (tuple(getattr(cfg, k)) if k == "unet_channels" else getattr(cfg, k))}
+    if wrong:
+        raise ValueError(f"init_from: {src} was not trained with this preset's sizes ({wrong}); pick the preset it was "
+                         "trained with")
+    return vae, text, unet, stats
+
+
 def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
     """Run (or resume) every stage and write the pipeline folder to out/pipeline; returns that path. device: where
-    to train (default: CUDA when present, else the CPU)."""
+    to train (default: CUDA when present, else the CPU). With `cfg.init_from` the VAE stage and the centring are
+    skipped (that model's VAE is kept) and the UNet and text encoder start from its weights."""
     progress = progress or tqdm
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -342,7 +370,8 @@ def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
     saved_cfg.write_text(json.dumps(asdict(cfg), indent=2))
     ckpt = Checkpoints(out)
     tokenizer, vocab, merges = build_tokenizer()
-    vae, text, unet = (m.to(device) for m in build_models(cfg, tokenizer))
+    vae, text, unet, stats = load_start(cfg, tokenizer)
+    vae, text, unet = vae.to(device), text.to(device), unet.to(device)
     seconds, t0 = {}, time.time()
 
     def lap(name):
@@ -350,10 +379,12 @@ def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
         seconds[name] = round(time.time() - t0, 1)
         t0 = time.time()
 
-    train_autoencoder(vae, "vae", {"model": vae}, cfg.vae_steps, cfg.vae_lr, cfg.vae_photo_fraction, cfg.vae_pool,
-                      cfg.kl_weight, cfg, out, ckpt, progress, device)
+    if stats is None:
+        train_autoencoder(vae, "vae", {"model": vae}, cfg.vae_steps, cfg.vae_lr, cfg.vae_photo_fraction, cfg.vae_pool,
+                          cfg.kl_weight, cfg, out, ckpt, progress, device)
+        stats = centre_latents(vae, cfg, device)
+    vae.eval()
     lap("vae")
-    stats = centre_latents(vae, cfg, device)
     ds = encode_dataset(vae, cfg, out, progress, device)
     lap("dataset")
     train_unet(unet, text, tokenizer, vae.config.scaling_factor, ds, cfg, out, ckpt, progress, device)
