@@ -235,8 +235,9 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             return resolved_purification(r[k]["name"], r[k]["params"], kind_of(r["model"]))
         if k == "linf_ratio":  # recorded since it became an option; every run before it matched at twice the RMS
             return r.get(k) or 2.0
-        if k == "guidance":  # recorded since it became an option; every run before it generated at the kind's default
-            return r[k] if r.get(k) is not None else experiment.GENERATION[kind_of(r["model"])][1]
+        if k == "guidance" and r.get(k) is None and "model" in r:
+            # recorded since it became an option; every run before it generated at the model kind's default
+            return experiment.GENERATION[kind_of(r["model"])][1]
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):
