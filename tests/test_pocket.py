@@ -156,6 +156,16 @@ def test_init_from_keeps_the_vae_and_goes_on_training_the_unet(tmp_path):
         train(tmp_path / "c", replace(cfg, init_from=str(src), text_hidden=128), progress=_quiet)
     with pytest.raises(ValueError, match="not a pocket folder"):
         train(tmp_path / "d", replace(cfg, init_from=str(tmp_path)), progress=_quiet)
+    # init_keep="vae": the VAE and its statistics kept, a fresh (here wider) text encoder and UNet on its latents
+    wide = train(tmp_path / "e", replace(cfg, init_from=str(src), init_keep="vae", text_hidden=128, text_layers=3,
+                                         decoder_steps=0), progress=_quiet)
+    assert (wide / vae).read_bytes() == (src / vae).read_bytes()
+    assert {k: json.loads((wide / "training.json").read_text())[k] for k in stats} == {k: a[k] for k in stats}
+    text = json.loads((wide / "text_encoder" / "config.json").read_text())
+    assert (text["hidden_size"], text["num_hidden_layers"]) == (128, 3)
+    assert json.loads((wide / "unet" / "config.json").read_text())["cross_attention_dim"] == 128
+    with pytest.raises(ValueError, match="init_keep"):
+        train(tmp_path / "f", replace(cfg, init_from=str(src), init_keep="unet"), progress=_quiet)
 
 
 def test_gpu_preset_path_on_a_cpu(tmp_path):

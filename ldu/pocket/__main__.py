@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     t.add_argument("--init-from", default=None, metavar="MODEL",
                    help="pocket or a pocket folder: keep its VAE, go on training its UNet and text encoder (give "
                         "--decoder-steps 0 to keep its decoder too)")
+    t.add_argument("--init-keep", choices=("all", "vae"), default=None,
+                   help="with --init-from: all (default) or vae (its VAE alone; a fresh UNet and text encoder)")
+    t.add_argument("--text-hidden", type=int, default=None, help="text encoder width (cpu preset 64, gpu 128)")
+    t.add_argument("--text-layers", type=int, default=None, help="text encoder layers (cpu preset 2, gpu 4)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
@@ -47,9 +51,13 @@ def main(argv=None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command == "train":
+        if args.init_keep and not args.init_from:
+            ap.error("--init-keep needs --init-from MODEL (the model whose parts are kept)")
         overrides = {k: v for k, v in (("seed", args.seed), ("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
                                        ("decoder_steps", args.decoder_steps), ("dataset", args.dataset),
-                                       ("init_from", args.init_from)) if v is not None}
+                                       ("init_from", args.init_from), ("init_keep", args.init_keep),
+                                       ("text_hidden", args.text_hidden), ("text_layers", args.text_layers))
+                     if v is not None}
         folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
         print(f"wrote {folder}")
         return 0

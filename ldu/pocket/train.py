@@ -5,6 +5,8 @@ text encoder trained with it) on the data of `ldu.pocket.data`.
     python -m ldu.pocket train --out runs/pocket --preset gpu   # bigger batches and text encoder, on a GPU
     python -m ldu.pocket train --out runs/more --init-from pocket --seed 1 --unet-steps 3000 --decoder-steps 0
                                                                 # go on training a model's UNet, its VAE kept
+    python -m ldu.pocket train --out runs/wide --init-from pocket --init-keep vae --text-hidden 128 --text-layers 4 \
+        --decoder-steps 0                                       # a fresh UNet and wider text encoder on its latent space
 
 Stages, each checkpointed and resumable: (1) the VAE on random crops (`vae_crop`: 32 px on a CPU, where a conv
 net trains about as well on crops as on whole images at a quarter of the cost); (2) latent statistics, with the per-channel mean folded into quant_conv /
@@ -76,6 +78,8 @@ class Config:
     text_hidden: int = 64
     text_layers: int = 2
     init_from: str | None = None  # a pocket folder (or "pocket"): keep its VAE, go on training its UNet and text encoder
+    init_keep: str = "all"  # with init_from: "all" (its VAE, UNet and text encoder) or "vae" (its VAE alone; a fresh UNet
+    #                         and text encoder of this config's sizes, e.g. a wider text encoder on the same latent space)
 
 
 PRESETS = {
@@ -334,6 +338,8 @@ def load_start(cfg: Config, tokenizer) -> tuple:
     VAE (so its latent space) is kept and whose latent statistics are carried over."""
     if not cfg.init_from:
         return (*build_models(cfg, tokenizer), None)
+    if cfg.init_keep not in ("all", "vae"):
+        raise ValueError(f"init_keep must be 'all' or 'vae', got {cfg.init_keep!r}")
     from ..backbone import BUILTIN  # deferred: the backbone module imports the pipelines
 
     src = BUILTIN.get(cfg.init_from, Path(cfg.init_from))
@@ -342,10 +348,15 @@ def load_start(cfg: Config, tokenizer) -> tuple:
                          "written by `python -m ldu.pocket train`")
     stats = {k: v for k, v in json.loads((src / "training.json").read_text()).items()
              if k in ("latent_mean_removed", "latent_std", "scaling_factor")}
-    vae, text = AutoencoderKL.from_pretrained(src, subfolder="vae"), CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
-    found = {"latent_channels": vae.config.latent_channels, "text_hidden": text.config.hidden_size,
-             "text_layers": text.config.num_hidden_layers, "unet_channels": tuple(unet.config.block_out_channels)}
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
+    found = {"latent_channels": vae.config.latent_channels}
+    if cfg.init_keep == "vae":
+        _, text, unet = build_models(cfg, tokenizer)
+    else:
+        text = CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+        found |= {"text_hidden": text.config.hidden_size, "text_layers": text.config.num_hidden_layers,
+                  "unet_channels": tuple(unet.config.block_out_channels)}
     wrong = {k: v for k, v in found.items() if v != (tuple(getattr(cfg, k)) if k == "unet_channels" else getattr(cfg, k))}
     if wrong:
         raise ValueError(f"init_from: {src} was not trained with this preset's sizes ({wrong}); pick the preset it was "
