@@ -32,6 +32,8 @@ def main(argv=None) -> int:
                    help="with --init-from: all (default) or vae (its VAE alone; a fresh UNet and text encoder)")
     t.add_argument("--text-hidden", type=int, default=None, help="text encoder width (cpu preset 64, gpu 128)")
     t.add_argument("--text-layers", type=int, default=None, help="text encoder layers (cpu preset 2, gpu 4)")
+    t.add_argument("--unet-channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=None, metavar="C1,C2,C3",
+                   help="the UNet's block widths, multiples of 16 (default 32,64,64)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
         overrides = {k: v for k, v in (("seed", args.seed), ("vae_steps", args.vae_steps), ("unet_steps", args.unet_steps),
                                        ("decoder_steps", args.decoder_steps), ("dataset", args.dataset),
                                        ("init_from", args.init_from), ("init_keep", args.init_keep),
-                                       ("text_hidden", args.text_hidden), ("text_layers", args.text_layers))
+                                       ("text_hidden", args.text_hidden), ("text_layers", args.text_layers),
+                                       ("unet_channels", args.unet_channels))
                      if v is not None}
         folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
         print(f"wrote {folder}")
