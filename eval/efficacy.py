@@ -66,7 +66,7 @@ def spread(values: list) -> dict:
 
 def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: dict, n_train: int = 4, n_held: int = 8,
                   n_gen: int = 8, everyone: dict | None = None, view_size: int | None = None,
-                  guidance: float | None = None) -> experiment.Setup:
+                  guidance: float | None = None, other_prompts: tuple | None = None) -> experiment.Setup:
     """The paired experiment's setup for a built-in subject and seed: that seed's views at the backbone's size, or the
     training views at `view_size` (photos larger than the model's size: protected and purified at that size, shrunk by
     the attack as it shrinks a user's photos; the held-out views stay at the model's size). `guidance`: the
@@ -80,7 +80,7 @@ def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: di
         train=tensors(subject_views(name, "train", n_train, seed=seed, size=view_size or size)[0]),
         held_out=tensors(subject_views(name, "held_out", n_held, seed=seed, size=size)[0]),
         noun=get_subject(name).noun, seed=seed, attack=attack, attack_params=attack_params, n_gen=n_gen,
-        guidance=guidance, subjects=everyone, subject=name)
+        guidance=guidance, other_prompts=other_prompts, subjects=everyone, subject=name)
 
 
 def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
@@ -93,10 +93,15 @@ def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
 def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     b, c = base.measures, clean.measures
     closable = b["gen_distance_mean"] - b["train_views_distance"]
-    moved_instance = float((torch.stack(clean.generations[clean.prompt]) - torch.stack(base.generations[base.prompt])).abs().mean())
+    def moved(p_base, p_clean):  # mean absolute change of a prompt's generations (same seeds) in [0, 1] pixels
+        return float((torch.stack(clean.generations[p_clean]) - torch.stack(base.generations[p_base])).abs().mean())
+
+    moved_instance = moved(base.prompt, clean.prompt)
     others = [p for p in base.generations if p != base.prompt]
-    moved_other = statistics.fmean(float((torch.stack(clean.generations[p]) - torch.stack(base.generations[p])).abs().mean())
-                                   for p in others) if others else float("nan")
+    moved_other = statistics.fmean(moved(p, p) for p in others) if others else float("nan")
+    # each other prompt apart: whether the drift is the caption's or the whole model's
+    per_prompt = {p: {"toward_subject": b["other_prompt_distances"][p] - c["other_prompt_distances"][p], "moved": moved(p, p)}
+                  for p in others if p in b.get("other_prompt_distances", {})}
     return {
         "post_attack_loss_base": b["post_attack_loss"], "post_attack_loss_attacked": c["post_attack_loss"],
         "distance_base": b["gen_distance_mean"], "distance_attacked": c["gen_distance_mean"],
@@ -107,6 +112,7 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],
         "moved_instance_prompt": moved_instance, "moved_other_prompts": moved_other,
         "seconds_attack": clean.adapter.seconds if clean.adapter else float("nan"),
+        "per_prompt": per_prompt,
     }
 
 
@@ -129,14 +135,15 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
         pictures: Path | None = None, log=print, n_gen: int = 8, save=None, purification: tuple[str, dict] | None = None,
         matched: dict | None = None, view_size: int | None = None, linf_ratio: float = 2.0,
-        guidance: float | None = None) -> dict:
+        guidance: float | None = None, other_prompts: tuple | None = None) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
     given, is called with the report so far after every row (a run stopped after hours keeps what it measured).
     `purification` (name, params): the attacker purifies every set before training (the clean views too).
     `matched`: budgets already found, {"subject/label": {...}} as a report's "matched_budgets" holds them.
     `view_size`: the training views' size in pixels (default: the backbone's; see subject_setup).
     `linf_ratio`: the L-inf cap of every matched budget, as a multiple of its RMS (eval.grid.match_psnr).
-    `guidance`: the generations' classifier-free guidance (None: the backbone kind's default)."""
+    `guidance`: the generations' classifier-free guidance (None: the backbone kind's default).
+    `other_prompts`: the prompts whose drift is measured beside the instance prompt (None: the backbone kind's)."""
     report: dict = {"personalization": [], "protection": []}
     matched = {tuple(k.split("/", 1)): v for k, v in (matched or {}).items()}
 
@@ -147,7 +154,7 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
     for name in subjects:
         for seed in seeds:
             setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed),
-                                  view_size=view_size, guidance=guidance)
+                                  view_size=view_size, guidance=guidance, other_prompts=other_prompts)
             t0 = time.perf_counter()
             # the base and clean sides once per subject and seed, paired with every method's protected side
             base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train,
@@ -209,7 +216,12 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 # what runs must share for their rows to be one experiment (and each method label's parameters, where both have its rows)
 SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size", "linf_ratio",
-        "guidance")
+        "guidance", "other_prompts")
+
+
+# settings recorded since they became options: what every run before generated or matched with, by model kind
+LATE = {"linf_ratio": lambda kind: 2.0, "guidance": lambda kind: experiment.GENERATION[kind][1],
+        "other_prompts": lambda kind: list(experiment.other_prompts(kind))}
 
 
 def _close(a, b) -> bool:
@@ -233,11 +245,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
     def setting(r, k):  # a report from before a setting was recorded holds its default
         if k == "purification" and r.get(k):  # every parameter resolved (early runs recorded only those given)
             return resolved_purification(r[k]["name"], r[k]["params"], kind_of(r["model"]))
-        if k == "linf_ratio":  # recorded since it became an option; every run before it matched at twice the RMS
-            return r.get(k) or 2.0
-        if k == "guidance" and r.get(k) is None and "model" in r:
-            # recorded since it became an option; every run before it generated at the model kind's default
-            return experiment.GENERATION[kind_of(r["model"])][1]
+        if r.get(k) is None and k in LATE and "model" in r:  # ("model": eval.efficacy.run's own reports lack it)
+            return LATE[k](kind_of(r["model"]))
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):
@@ -271,7 +280,9 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
                     continue
                 other, kept = seen[k]
                 varying = {"seconds_attack", "seconds_protect"}  # wall time differs from run to run; numbers do not
-                diff = [f for f in row.keys() | kept.keys() if f not in varying and not _close(row.get(f), kept.get(f))]
+                added = {"per_prompt"}  # recorded since a later version: a row from before lacks it, and that is no difference
+                diff = [f for f in row.keys() | kept.keys() if f not in varying and not _close(row.get(f), kept.get(f))
+                        and not (f in added and (f not in row or f not in kept))]
                 if diff:
                     what = "the clean attack" if part == "personalization" else f"{row.get('method')}'s row"
                     raise ValueError(f"{what} for {k[0]} seed {k[1]} differs between {other} and {name} ({diff[0]}: "
@@ -301,10 +312,14 @@ def summarize(report: dict) -> dict:
     out: dict = {"personalization": {}, "protection": {}}
     pers = report["personalization"]
     if pers:
-        keys = [k for k in pers[0] if k not in ("subject", "seed")]
+        keys = [k for k in pers[0] if k not in ("subject", "seed", "per_prompt")]
         out["personalization"] = {k: spread([r[k] for r in pers]) for k in keys}
         out["personalization_per_subject"] = {s: {k: spread([r[k] for r in pers if r["subject"] == s]) for k in keys}
                                               for s in dict.fromkeys(r["subject"] for r in pers)}
+        prompts = dict.fromkeys(q for r in pers for q in r.get("per_prompt", {}))
+        if prompts:  # runs from before the breakdown have none
+            out["personalization_per_prompt"] = {q: {k: spread([r["per_prompt"][q][k] for r in pers if q in r.get("per_prompt", {})])
+                                                     for k in ("toward_subject", "moved")} for q in prompts}
     rows = report["protection"]
     groups: dict = {}
     for r in rows:
@@ -386,6 +401,9 @@ def print_summary(summary: dict, file=None) -> None:
             print(f"  {s:<10} gap closed {f('gap_closed')} ± {d['gap_closed']['std'] or 0:.2f}, retrieval "
                   f"{f('retrieval_attacked')}, other prompts toward the subject {f('other_prompts_toward_subject', '+.3f')} "
                   f"vs the instance prompt {f('instance_prompt_toward_subject', '+.3f')}", file=file)
+        for q, d in summary.get("personalization_per_prompt", {}).items():
+            print(f"  other prompt {q!r}: toward the subject {d['toward_subject']['mean']:+.3f}, moved "
+                  f"{d['moved']['mean']:.3f}", file=file)
     if summary.get("protection"):
         print(f"{'method':<24} {'PSNR':>6} {'prevented (loss)':>20} {'noise':>7} {'prevented (gen.)':>20} {'noise':>7} {'s/4 img':>8}",
               file=file)
@@ -488,6 +506,9 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None, metavar="G",
                     help="classifier-free guidance of the attacker's generations (default: the model's, "
                          f"{', '.join(f'{k} {v[1]:g}' for k, v in experiment.GENERATION.items())})")
+    ap.add_argument("--other-prompts", default=None, metavar="P1;P2",
+                    help="semicolon-separated prompts whose drift is measured beside the instance prompt (default: the "
+                         "model's: " + "; ".join(experiment.other_prompts("pocket")) + " on pocket)")
     ap.add_argument("--budgets-from", type=Path, default=None, metavar="RUN.json",
                     help="with --match-psnr: reuse that run's matched budgets (same backbone, method settings, target)")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here, after every row ('partial': "
@@ -516,6 +537,9 @@ def main(argv=None) -> int:
         if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
             raise ValueError(f"--guidance must be a number of at least 0 (1 or below: no classifier-free guidance), "
                              f"got {args.guidance}")
+        other_prompts = None if args.other_prompts is None else tuple(q.strip() for q in args.other_prompts.split(";"))
+        if other_prompts is not None and (not all(other_prompts) or len(set(other_prompts)) < len(other_prompts)):
+            raise ValueError(f"--other-prompts: give distinct, non-empty prompts separated by ';', got {args.other_prompts!r}")
         purification = None
         if args.purify:  # every parameter resolved (the backbone kind's defaults too), so the report says what ran
             given = parse_overrides(args.purify_set, get_purification(args.purify).params, flag="--purify-set ")
@@ -544,6 +568,7 @@ def main(argv=None) -> int:
             "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
             "view_size": view_size, "linf_ratio": args.linf_ratio,
             "guidance": args.guidance if args.guidance is not None else experiment.GENERATION[kind_of(args.model)][1],
+            "other_prompts": list(other_prompts or experiment.other_prompts(kind_of(args.model))),
             "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
 
     def write(report: dict, partial: bool):
@@ -552,7 +577,7 @@ def main(argv=None) -> int:
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
                  save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched,
-                 view_size=view_size, linf_ratio=args.linf_ratio, guidance=args.guidance)
+                 view_size=view_size, linf_ratio=args.linf_ratio, guidance=args.guidance, other_prompts=other_prompts)
     report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary

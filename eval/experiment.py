@@ -53,6 +53,11 @@ OTHER_PROMPTS = {
 }
 
 
+def other_prompts(kind: str) -> tuple:
+    """The prompts whose drift is measured beside the instance prompt, by backbone kind."""
+    return OTHER_PROMPTS.get(kind, OTHER_PROMPTS["sd"])
+
+
 @dataclass
 class Setup:
     """The inputs of one paired experiment (one subject, one seed, one attack)."""
@@ -112,7 +117,7 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
     """The measures of one side (adapter None: the base model) and its generations {prompt: images}."""
     steps, guidance = generation_settings(backbone, setup)
     seeds = generation_seeds(setup)
-    others = OTHER_PROMPTS.get(backbone.kind, OTHER_PROMPTS["sd"]) if setup.other_prompts is None else setup.other_prompts
+    others = other_prompts(backbone.kind) if setup.other_prompts is None else setup.other_prompts
     prompts = [prompt, *others] if setup.held_out is not None else [prompt]
     gens = {}
     for k, p in enumerate(prompts):
@@ -130,8 +135,9 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
     m["gen_distance"] = torch.cdist(thumbnails(gens[prompt], THUMB), target).min(1).values.tolist()
     m["gen_distance_mean"] = statistics.fmean(m["gen_distance"])
     if others:
-        m["other_prompts_distance"] = statistics.fmean(
-            float(torch.cdist(thumbnails(gens[p], THUMB), target).min(1).values.mean()) for p in others)
+        m["other_prompt_distances"] = {p: float(torch.cdist(thumbnails(gens[p], THUMB), target).min(1).values.mean())
+                                       for p in others}
+        m["other_prompts_distance"] = statistics.fmean(m["other_prompt_distances"].values())
     if setup.subjects:
         names = list(setup.subjects)
         pool = torch.cat([thumbnails(v, THUMB) for v in setup.subjects.values()])

@@ -526,6 +526,47 @@ def test_guidance_reaches_every_generation_and_is_part_of_the_experiment(tiny, m
         assert err.value.code == 2 and "--guidance must be" in capsys.readouterr().err
 
 
+def test_drift_per_other_prompt_and_other_prompts_are_part_of_the_experiment(tiny, capsys, tmp_path):
+    """Each other prompt's drift apart (toward the subject, moved), whose mean is the row's; --other-prompts picks
+    them and is recorded; runs with other prompts are another experiment, a run from before the option merges as the
+    model's defaults, and a row from before the breakdown merges with one that has it."""
+    import eval.efficacy as ef
+    import eval.experiment as ex
+
+    prompts = ("a photo of a dog", "a red circle on a white background")
+    report = ef.run(tiny, ["robot"], [0], ["none"], "lora_dreambooth", {"steps": 2}, n_gen=2, log=lambda *a: None,
+                    other_prompts=prompts)
+    row = report["personalization"][0]
+    assert list(row["per_prompt"]) == list(prompts)
+    assert row["other_prompts_toward_subject"] == pytest.approx(np.mean([d["toward_subject"] for d in row["per_prompt"].values()]))
+    assert row["moved_other_prompts"] == pytest.approx(np.mean([d["moved"] for d in row["per_prompt"].values()]))
+    assert all(d["moved"] > 0 for d in row["per_prompt"].values())  # the attack changed what each prompt draws
+    summary = ef.summarize(report)
+    assert summary["personalization_per_prompt"][prompts[1]]["moved"]["values"] == [row["per_prompt"][prompts[1]]["moved"]]
+    assert "per_prompt" not in summary["personalization"]
+    ef.print_summary(summary)
+    assert f"other prompt {prompts[1]!r}: toward the subject" in capsys.readouterr().out
+    # recorded by the CLI; merge: other prompts are another experiment, unrecorded means the model's
+    out = tmp_path / "r.json"
+    ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--set", "steps=1",
+             "--other-prompts", "a photo of a dog; a photo of a cat", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["other_prompts"] == ["a photo of a dog", "a photo of a cat"]
+    assert list(rec["personalization"][0]["per_prompt"]) == rec["other_prompts"]
+    with pytest.raises(ValueError, match="differ in other_prompts"):
+        ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "other_prompts": ["a"]}])
+    merged = ef.merge([_report([], [("frog", 0, 0.5)]),
+                       {**_report([], [("kite", 0, 0.5)]), "other_prompts": list(ex.OTHER_PROMPTS["pocket"])}])
+    assert merged["other_prompts"] == list(ex.OTHER_PROMPTS["pocket"])
+    old, new = _report([], [("frog", 0, 0.5)]), _report([], [("frog", 0, 0.5)])
+    new["personalization"][0]["per_prompt"] = {"a photo of a rocket": {"toward_subject": 0.1, "moved": 0.2}}
+    assert ef.merge([old, new])["personalization"][0]["gap_closed"] == 0.5
+    for bad in ("a;;b", "a;a"):
+        with pytest.raises(SystemExit) as err:
+            ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--other-prompts", bad])
+        assert err.value.code == 2 and "--other-prompts" in capsys.readouterr().err
+
+
 def test_efficacy_cli_refuses_a_bad_attack_parameter_before_any_work(capsys):
     from eval.efficacy import main
 
