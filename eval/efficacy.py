@@ -219,9 +219,11 @@ SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "
         "guidance", "other_prompts")
 
 
-# settings recorded since they became options: what every run before generated or matched with, by model kind
-LATE = {"linf_ratio": lambda kind: 2.0, "guidance": lambda kind: experiment.GENERATION[kind][1],
-        "other_prompts": lambda kind: list(experiment.other_prompts(kind))}
+# settings recorded since they became options: what every run before matched or generated with (a report without
+# its model, eval.efficacy.run's own, keeps a model kind's setting unrecorded)
+LATE = {"linf_ratio": lambda r: 2.0,
+        "guidance": lambda r: experiment.GENERATION[kind_of(r["model"])][1] if "model" in r else None,
+        "other_prompts": lambda r: list(experiment.other_prompts(kind_of(r["model"]))) if "model" in r else None}
 
 
 def _close(a, b) -> bool:
@@ -245,8 +247,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
     def setting(r, k):  # a report from before a setting was recorded holds its default
         if k == "purification" and r.get(k):  # every parameter resolved (early runs recorded only those given)
             return resolved_purification(r[k]["name"], r[k]["params"], kind_of(r["model"]))
-        if r.get(k) is None and k in LATE and "model" in r:  # ("model": eval.efficacy.run's own reports lack it)
-            return LATE[k](kind_of(r["model"]))
+        if r.get(k) is None and k in LATE:
+            return LATE[k](r)
         return r.get(k) or ({} if k in ("attack_params", "method_params") else r.get(k))
 
     for name, r in zip(names[1:], reports[1:]):

@@ -168,6 +168,19 @@ def test_init_from_keeps_the_vae_and_goes_on_training_the_unet(tmp_path):
         train(tmp_path / "f", replace(cfg, init_from=str(src), init_keep="unet"), progress=_quiet)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--unet-channels", "48,50,96"], "multiple of 16"), (["--unet-channels", "48,96"], "three widths"),
+    (["--unet-channels", "a,b,c"], "three widths"), (["--text-hidden", "130"], "multiple of 4"),
+    (["--init-keep", "vae"], "--init-keep needs --init-from")])
+def test_train_cli_refuses_bad_sizes_by_name_before_any_work(args, message, tmp_path, capsys):
+    from ldu.pocket.__main__ import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--out", str(tmp_path / "m"), *args])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_gpu_preset_path_on_a_cpu(tmp_path):
     """The gpu preset (image pools, whole-image VAE crops, the wider text encoder) at toy sizes."""
     from dataclasses import replace

@@ -12,6 +12,24 @@ from .check import check
 from .train import PRESETS, train
 
 
+def _widths(value: str) -> tuple:
+    """--unet-channels: three block widths, each a positive multiple of 16 (the UNet's GroupNorm has 16 groups)."""
+    try:
+        widths = tuple(int(c) for c in value.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or any(w < 16 or w % 16 for w in widths):
+        raise argparse.ArgumentTypeError(f"give three widths, each a multiple of 16, e.g. 48,96,96 (got {value!r})")
+    return widths
+
+
+def _heads_width(value: str) -> int:
+    """--text-hidden: a positive multiple of 4 (the text encoder's 4 attention heads)."""
+    if not value.isdigit() or int(value) < 4 or int(value) % 4:
+        raise argparse.ArgumentTypeError(f"give a multiple of 4, e.g. 128 (got {value!r})")
+    return int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ldu.pocket")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -30,9 +48,9 @@ def main(argv=None) -> int:
                         "--decoder-steps 0 to keep its decoder too)")
     t.add_argument("--init-keep", choices=("all", "vae"), default=None,
                    help="with --init-from: all (default) or vae (its VAE alone; a fresh UNet and text encoder)")
-    t.add_argument("--text-hidden", type=int, default=None, help="text encoder width (cpu preset 64, gpu 128)")
+    t.add_argument("--text-hidden", type=_heads_width, default=None, help="text encoder width (cpu preset 64, gpu 128)")
     t.add_argument("--text-layers", type=int, default=None, help="text encoder layers (cpu preset 2, gpu 4)")
-    t.add_argument("--unet-channels", type=lambda v: tuple(int(c) for c in v.split(",")), default=None, metavar="C1,C2,C3",
+    t.add_argument("--unet-channels", type=_widths, default=None, metavar="C1,C2,C3",
                    help="the UNet's block widths, multiples of 16 (default 32,64,64)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
