@@ -100,7 +100,13 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     others = [p for p in base.generations if p != base.prompt]
     moved_other = statistics.fmean(moved(p, p) for p in others) if others else float("nan")
     # each other prompt apart: whether the drift is the caption's or the whole model's
-    per_prompt = {p: {"toward_subject": b["other_prompt_distances"][p] - c["other_prompt_distances"][p], "moved": moved(p, p)}
+    rest_b, rest_c = b.get("distance_to_other_subjects"), c.get("distance_to_other_subjects")
+
+    def toward_rest(p_base, p_clean):  # toward the other subjects' views (NaN without them)
+        return rest_b[p_base] - rest_c[p_clean] if rest_b and rest_c else float("nan")
+
+    per_prompt = {p: {"toward_subject": b["other_prompt_distances"][p] - c["other_prompt_distances"][p],
+                      "toward_other_subjects": toward_rest(p, p), "moved": moved(p, p)}
                   for p in others if p in b.get("other_prompt_distances", {})}
     return {
         "post_attack_loss_base": b["post_attack_loss"], "post_attack_loss_attacked": c["post_attack_loss"],
@@ -110,6 +116,7 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
         "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],
+        "instance_prompt_toward_other_subjects": toward_rest(base.prompt, clean.prompt),
         "moved_instance_prompt": moved_instance, "moved_other_prompts": moved_other,
         "seconds_attack": clean.adapter.seconds if clean.adapter else float("nan"),
         "per_prompt": per_prompt,
@@ -282,7 +289,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
                     continue
                 other, kept = seen[k]
                 varying = {"seconds_attack", "seconds_protect"}  # wall time differs from run to run; numbers do not
-                added = {"per_prompt"}  # recorded since a later version: a row from before lacks it, and that is no difference
+                # recorded since a later version: a row from before lacks it, and that is no difference
+                added = {"per_prompt", "instance_prompt_toward_other_subjects"}
                 diff = [f for f in row.keys() | kept.keys() if f not in varying and not _close(row.get(f), kept.get(f))
                         and not (f in added and (f not in row or f not in kept))]
                 if diff:
@@ -315,13 +323,14 @@ def summarize(report: dict) -> dict:
     pers = report["personalization"]
     if pers:
         keys = [k for k in pers[0] if k not in ("subject", "seed", "per_prompt")]
-        out["personalization"] = {k: spread([r[k] for r in pers]) for k in keys}
-        out["personalization_per_subject"] = {s: {k: spread([r[k] for r in pers if r["subject"] == s]) for k in keys}
+        out["personalization"] = {k: spread([r.get(k) for r in pers]) for k in keys}  # (a field a merged older run lacks)
+        out["personalization_per_subject"] = {s: {k: spread([r.get(k) for r in pers if r["subject"] == s]) for k in keys}
                                               for s in dict.fromkeys(r["subject"] for r in pers)}
         prompts = dict.fromkeys(q for r in pers for q in r.get("per_prompt", {}))
         if prompts:  # runs from before the breakdown have none
-            out["personalization_per_prompt"] = {q: {k: spread([r["per_prompt"][q][k] for r in pers if q in r.get("per_prompt", {})])
-                                                     for k in ("toward_subject", "moved")} for q in prompts}
+            out["personalization_per_prompt"] = {q: {k: spread([r["per_prompt"][q].get(k) for r in pers if q in r.get("per_prompt", {})])
+                                                     for k in ("toward_subject", "toward_other_subjects", "moved")}
+                                                 for q in prompts}
     rows = report["protection"]
     groups: dict = {}
     for r in rows:
@@ -404,8 +413,9 @@ def print_summary(summary: dict, file=None) -> None:
                   f"{f('retrieval_attacked')}, other prompts toward the subject {f('other_prompts_toward_subject', '+.3f')} "
                   f"vs the instance prompt {f('instance_prompt_toward_subject', '+.3f')}", file=file)
         for q, d in summary.get("personalization_per_prompt", {}).items():
-            print(f"  other prompt {q!r}: toward the subject {d['toward_subject']['mean']:+.3f}, moved "
-                  f"{d['moved']['mean']:.3f}", file=file)
+            g = lambda k, fmt="+.3f": "–" if d[k]["mean"] is None else format(d[k]["mean"], fmt)  # noqa: E731
+            print(f"  other prompt {q!r}: toward the subject {g('toward_subject')}, toward the other subjects "
+                  f"{g('toward_other_subjects')}, moved {g('moved', '.3f')}", file=file)
     if summary.get("protection"):
         print(f"{'method':<24} {'PSNR':>6} {'prevented (loss)':>20} {'noise':>7} {'prevented (gen.)':>20} {'noise':>7} {'s/4 img':>8}",
               file=file)

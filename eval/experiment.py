@@ -144,6 +144,13 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
         owner = [n for n in names for _ in setup.subjects[n]]
         nearest = torch.cdist(thumbnails(gens[prompt], THUMB), pool).argmin(1).tolist()
         m["retrieval"] = statistics.fmean(float(owner[i] == setup.subject) for i in nearest)
+        # how near each prompt's generations are to the *other* subjects' views: a move toward every subject alike is
+        # a move toward what the subjects share (a common look), not toward this one
+        rest = [thumbnails(v, THUMB) for n, v in setup.subjects.items() if n != setup.subject]
+        if rest:
+            m["distance_to_other_subjects"] = {
+                p: statistics.fmean(float(torch.cdist(thumbnails(gens[p], THUMB), t).min(1).values.mean()) for t in rest)
+                for p in prompts}
     return m, gens
 
 

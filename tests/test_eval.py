@@ -541,6 +541,9 @@ def test_drift_per_other_prompt_and_other_prompts_are_part_of_the_experiment(tin
     assert row["other_prompts_toward_subject"] == pytest.approx(np.mean([d["toward_subject"] for d in row["per_prompt"].values()]))
     assert row["moved_other_prompts"] == pytest.approx(np.mean([d["moved"] for d in row["per_prompt"].values()]))
     assert all(d["moved"] > 0 for d in row["per_prompt"].values())  # the attack changed what each prompt draws
+    # toward the other subjects' views too (robot's pool holds every built-in subject): a move toward all of them alike
+    assert all(math.isfinite(d["toward_other_subjects"]) for d in row["per_prompt"].values())
+    assert math.isfinite(row["instance_prompt_toward_other_subjects"])
     summary = ef.summarize(report)
     assert summary["personalization_per_prompt"][prompts[1]]["moved"]["values"] == [row["per_prompt"][prompts[1]]["moved"]]
     assert "per_prompt" not in summary["personalization"]
@@ -560,7 +563,9 @@ def test_drift_per_other_prompt_and_other_prompts_are_part_of_the_experiment(tin
     assert merged["other_prompts"] == list(ex.OTHER_PROMPTS["pocket"])
     old, new = _report([], [("frog", 0, 0.5)]), _report([], [("frog", 0, 0.5)])
     new["personalization"][0]["per_prompt"] = {"a photo of a rocket": {"toward_subject": 0.1, "moved": 0.2}}
+    new["personalization"][0]["instance_prompt_toward_other_subjects"] = 0.3
     assert ef.merge([old, new])["personalization"][0]["gap_closed"] == 0.5
+    assert ef.summarize(ef.merge([new, _report([], [("kite", 0, 0.4)])]))["personalization"]["gap_closed"]["n"] == 2
     for bad in ("a;;b", "a;a"):
         with pytest.raises(SystemExit) as err:
             ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--other-prompts", bad])
