@@ -544,6 +544,22 @@ def test_drift_per_other_prompt_and_other_prompts_are_part_of_the_experiment(tin
     # toward the other subjects' views too (robot's pool holds every built-in subject): a move toward all of them alike
     assert all(math.isfinite(d["toward_other_subjects"]) for d in row["per_prompt"].values())
     assert math.isfinite(row["instance_prompt_toward_other_subjects"])
+    # against a hand computation from the two sides' generations (mean over the other subjects of each generation's
+    # distance to its nearest view, base minus attacked)
+    from ldu.metrics import thumbnails
+
+    setup = ef.subject_setup(tiny, "robot", 0, "lora_dreambooth", {"steps": 2}, n_gen=2, everyone=ef.all_held_out(tiny, 0),
+                             other_prompts=prompts)
+    base, clean = ex.reference(tiny, setup), ex.attack_side(tiny, setup, setup.train)
+
+    def rest(gens):
+        return np.mean([torch.cdist(thumbnails(gens, ex.THUMB), thumbnails(v, ex.THUMB)).min(1).values.mean().item()
+                        for n, v in setup.subjects.items() if n != "robot"])
+    again = ef.personalization_row(base, clean)
+    q = prompts[1]
+    assert again["per_prompt"][q]["toward_other_subjects"] == pytest.approx(rest(base.generations[q]) - rest(clean.generations[q]))
+    assert again["instance_prompt_toward_other_subjects"] == pytest.approx(
+        rest(base.generations[base.prompt]) - rest(clean.generations[clean.prompt]))
     summary = ef.summarize(report)
     assert summary["personalization_per_prompt"][prompts[1]]["moved"]["values"] == [row["per_prompt"][prompts[1]]["moved"]]
     assert "per_prompt" not in summary["personalization"]
