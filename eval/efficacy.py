@@ -232,6 +232,9 @@ LATE = {"linf_ratio": lambda r: 2.0,
         "guidance": lambda r: experiment.GENERATION[kind_of(r["model"])][1] if "model" in r else None,
         "other_prompts": lambda r: list(experiment.other_prompts(kind_of(r["model"]))) if "model" in r else None}
 
+# row fields recorded since a later version: a row from before lacks them, and that is no difference
+LATE_FIELDS = {"per_prompt", "instance_prompt_toward_other_subjects"}
+
 
 def _close(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -289,10 +292,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
                     continue
                 other, kept = seen[k]
                 varying = {"seconds_attack", "seconds_protect"}  # wall time differs from run to run; numbers do not
-                # recorded since a later version: a row from before lacks it, and that is no difference
-                added = {"per_prompt", "instance_prompt_toward_other_subjects"}
                 diff = [f for f in row.keys() | kept.keys() if f not in varying and not _close(row.get(f), kept.get(f))
-                        and not (f in added and (f not in row or f not in kept))]
+                        and not (f in LATE_FIELDS and (f not in row or f not in kept))]
                 if diff:
                     what = "the clean attack" if part == "personalization" else f"{row.get('method')}'s row"
                     raise ValueError(f"{what} for {k[0]} seed {k[1]} differs between {other} and {name} ({diff[0]}: "

@@ -131,26 +131,29 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
     sets = [float(v) for v in post_attack_loss(backbone, adapter, setup.held_out, loss_draws(backbone, setup), prompt=prompt)]
     m["post_attack_loss_sets"] = sets
     m["post_attack_loss"] = statistics.fmean(sets)
+    thumbs = {p: thumbnails(gens[p], THUMB) for p in prompts}  # each prompt's generations, once
+
+    def nearest(p, views):  # each generation of prompt p: its distance to the nearest of `views` (thumbnails)
+        return torch.cdist(thumbs[p], views).min(1).values
+
     target = thumbnails(setup.held_out, THUMB)
-    m["gen_distance"] = torch.cdist(thumbnails(gens[prompt], THUMB), target).min(1).values.tolist()
+    m["gen_distance"] = nearest(prompt, target).tolist()
     m["gen_distance_mean"] = statistics.fmean(m["gen_distance"])
     if others:
-        m["other_prompt_distances"] = {p: float(torch.cdist(thumbnails(gens[p], THUMB), target).min(1).values.mean())
-                                       for p in others}
+        m["other_prompt_distances"] = {p: float(nearest(p, target).mean()) for p in others}
         m["other_prompts_distance"] = statistics.fmean(m["other_prompt_distances"].values())
     if setup.subjects:
         names = list(setup.subjects)
         pool = torch.cat([thumbnails(v, THUMB) for v in setup.subjects.values()])
         owner = [n for n in names for _ in setup.subjects[n]]
-        nearest = torch.cdist(thumbnails(gens[prompt], THUMB), pool).argmin(1).tolist()
-        m["retrieval"] = statistics.fmean(float(owner[i] == setup.subject) for i in nearest)
+        closest = torch.cdist(thumbs[prompt], pool).argmin(1).tolist()
+        m["retrieval"] = statistics.fmean(float(owner[i] == setup.subject) for i in closest)
         # how near each prompt's generations are to the *other* subjects' views: a move toward every subject alike is
         # a move toward what the subjects share (a common look), not toward this one
         rest = [thumbnails(v, THUMB) for n, v in setup.subjects.items() if n != setup.subject]
         if rest:
-            m["distance_to_other_subjects"] = {
-                p: statistics.fmean(float(torch.cdist(thumbnails(gens[p], THUMB), t).min(1).values.mean()) for t in rest)
-                for p in prompts}
+            m["distance_to_other_subjects"] = {p: statistics.fmean(float(nearest(p, t).mean()) for t in rest)
+                                               for p in prompts}
     return m, gens
 
 
