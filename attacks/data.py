@@ -17,7 +17,7 @@ from ldu.finetune import grad_scaler, train_step
 from ldu.protect import instance_views  # noqa: F401  (re-exported: the attacks' view of their training images)
 from ldu.registry import report
 
-from .generate import class_images
+from .generate import class_images, class_prompts
 
 
 @dataclass
@@ -79,19 +79,21 @@ class DreamBoothBatches:
         self.p, self.g = p, generator
         self.inst = Posteriors.of(backbone, views, flip=p.flip)
         self.inst_order = Shuffler(self.inst.n, generator)
-        self.cls = self.cls_order = None
+        self.cls = self.cls_order = self.cls_prompts = None
         if p.prior_preservation:
             images = class_images(backbone, p.class_prompt, p.num_class_images, seed=p.seed, cache_dir=p.class_dir,
                                   callback=callback)
             self.cls = Posteriors.of(backbone, images, flip=p.flip)
             self.cls_order = Shuffler(self.cls.n, generator)
+            self.cls_prompts = class_prompts(p.class_prompt, p.num_class_images)
 
     def __call__(self):
         b, p = self.p.batch_size, self.p
         z, prompts, weights = self.inst.sample(self.inst_order.next(b), self.g), [p.instance_prompt] * b, None
         if self.cls is not None:
-            z = torch.cat([z, self.cls.sample(self.cls_order.next(b), self.g)])
-            prompts += [p.class_prompt] * b
+            which = self.cls_order.next(b)
+            z = torch.cat([z, self.cls.sample(which, self.g)])
+            prompts += [self.cls_prompts[i] for i in which.tolist()]
             weights = torch.cat([torch.full((b,), 1 / b), torch.full((b,), p.prior_loss_weight / b)])
         return z, prompts, weights
 

@@ -40,9 +40,20 @@ def generate(backbone, adapter: Adapter | None, prompts: list[str], seeds: list[
     return out
 
 
+def class_prompts(prompt: str, n: int) -> list[str]:
+    """The prompt of each of n class images: `prompt`, or, with several separated by ';', each in turn (a prior over
+    several prompts holds more of what the base model draws in place than one prompt does)."""
+    parts = [q.strip() for q in prompt.split(";")]
+    if not all(parts):
+        raise ValueError(f"class_prompt has an empty prompt between its ';' ({prompt!r}): give one prompt, or several "
+                         "separated by ';'")
+    return [parts[i % len(parts)] for i in range(n)]
+
+
 def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, guidance: float = 7.5,
                  cache_dir: str | Path | None = None, callback=None) -> torch.Tensor:
-    """n images of the class prompt from the base model (DreamBooth's prior preservation), [n,3,H,W].
+    """n images of the class prompt from the base model (DreamBooth's prior preservation), [n,3,H,W]; several
+    prompts separated by ';' take turns (`class_prompts`).
 
     With `cache_dir` they are kept as PNGs and reused, so paired runs (clean vs protected) share them.
     """
@@ -54,7 +65,7 @@ def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, 
             return instance_views(load_images(found[:n]), backbone.resolution)
     # 8-bit like every image an attacker collects, and exactly what a later run reads back from the cache
     images = [(im * 255).round() / 255 for im in
-              generate(backbone, None, [prompt] * n, [seed + i for i in range(n)], steps=steps, guidance=guidance,
+              generate(backbone, None, class_prompts(prompt, n), [seed + i for i in range(n)], steps=steps, guidance=guidance,
                        callback=None if callback is None else lambda info: callback({**info, "stage": "class_images"}))]
     if cache_dir is not None:
         cache.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,33 @@ def test_prior_preservation_generates_and_caches_class_images(tiny, views, tmp_p
     assert c.train_curve != a.train_curve  # the class loss is part of the objective
 
 
+def test_several_class_prompts_take_turns_and_each_image_keeps_its_prompt(tiny, views, monkeypatch):
+    import importlib
+
+    from attacks.data import DreamBoothBatches, instance_views
+    from attacks.generate import class_prompts
+    from attacks.lora_dreambooth import LoRAParams
+
+    assert class_prompts("a photo of a dog; a red circle", 5) == ["a photo of a dog", "a red circle"] * 2 + ["a photo of a dog"]
+    assert class_prompts("a photo of a dog", 3) == ["a photo of a dog"] * 3
+    with pytest.raises(ValueError, match="empty prompt"):
+        LoRAParams(prior_preservation=True, class_prompt="a photo of a dog;;a cat")
+    gen = importlib.import_module("attacks.generate")
+    drawn = {}  # each class image's prompt, by seed: the image the batches pair with a prompt is the one drawn for it
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda b, a, prompts, seeds, **k: drawn.update(zip(seeds, prompts)) or real(b, a, prompts, seeds, **k))
+    p = LoRAParams(prior_preservation=True, class_prompt="a photo of a dog;a photo of a cat", num_class_images=4,
+                             batch_size=2, seed=10)
+    batches = DreamBoothBatches(tiny, instance_views(views, tiny.resolution), p, torch.Generator().manual_seed(0))
+    assert sorted(drawn.items()) == [(10, "a photo of a dog"), (11, "a photo of a cat"), (12, "a photo of a dog"), (13, "a photo of a cat")]
+    taken, take = [], batches.cls_order.next  # which class images each step takes
+    batches.cls_order.next = lambda b: taken.append(take(b)) or taken[-1]
+    for _ in range(3):
+        _, prompts, _ = batches()
+        assert prompts[:2] == [p.instance_prompt] * 2
+        assert prompts[2:] == [drawn[10 + i] for i in taken[-1].tolist()]
+
+
 def test_text_encoder_lora_reloads_exactly(tiny, views, tmp_path):
     seen = {}
 
