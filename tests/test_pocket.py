@@ -171,6 +171,7 @@ def test_init_from_keeps_the_vae_and_goes_on_training_the_unet(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--unet-channels", "48,50,96"], "multiple of 16"), (["--unet-channels", "48,96"], "three widths"),
     (["--unet-channels", "a,b,c"], "three widths"), (["--text-hidden", "130"], "multiple of 4"),
+    (["--text-layers", "0"], "at least 1"), (["--text-layers", "-2"], "at least 1"),
     (["--init-keep", "vae"], "--init-keep needs --init-from")])
 def test_train_cli_refuses_bad_sizes_by_name_before_any_work(args, message, tmp_path, capsys):
     from ldu.pocket.__main__ import main

@@ -30,6 +30,13 @@ def _heads_width(value: str) -> int:
     return int(value)
 
 
+def _positive(value: str) -> int:
+    """--text-layers: a whole number of at least 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of at least 1, e.g. 4 (got {value!r})")
+    return int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ldu.pocket")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -49,7 +56,7 @@ def main(argv=None) -> int:
     t.add_argument("--init-keep", choices=("all", "vae"), default=None,
                    help="with --init-from: all (default) or vae (its VAE alone; a fresh UNet and text encoder)")
     t.add_argument("--text-hidden", type=_heads_width, default=None, help="text encoder width (cpu preset 64, gpu 128)")
-    t.add_argument("--text-layers", type=int, default=None, help="text encoder layers (cpu preset 2, gpu 4)")
+    t.add_argument("--text-layers", type=_positive, default=None, help="text encoder layers (cpu preset 2, gpu 4)")
     t.add_argument("--unet-channels", type=_widths, default=None, metavar="C1,C2,C3",
                    help="the UNet's block widths, multiples of 16 (default 32,64,64)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
