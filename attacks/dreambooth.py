@@ -24,6 +24,7 @@ import torch
 from ldu.registry import check, param, report
 
 from .data import DreamBoothBatches, train_loop
+from .generate import class_prompts
 from .train import Attack, AttackOutput, AttackParams
 
 
@@ -41,7 +42,7 @@ class DreamBoothParams(AttackParams):
     instance_prompt: str = param("a photo of sks person", "training prompt; must contain the token")
     train_text_encoder: bool = param(False, "also fine-tune the text encoder")
     prior_preservation: bool = param(False, "add class images from the base model with the class prompt")
-    class_prompt: str = param("a photo of a person", "prior-preservation prompt; several separated by ';' take turns")
+    class_prompt: str = param("a photo of a person", "prior-preservation prompt; several separated by ';' take turns, \"\" is the empty caption")
     num_class_images: int = param(100, "prior-preservation images")
     prior_loss_weight: float = param(1.0, "weight of the class loss")
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
@@ -57,8 +58,8 @@ class DreamBoothParams(AttackParams):
     def __post_init__(self):
         super().__post_init__()
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
-        check(all(q.strip() for q in self.class_prompt.split(";")) or not self.prior_preservation,
-              f"class_prompt has an empty prompt ({self.class_prompt!r}): give one prompt, or several separated by ';'")
+        if self.prior_preservation:
+            class_prompts(self.class_prompt, 1)  # refuses an empty prompt by name
         check(self.train_unet in UNET_WEIGHTS, f"train_unet must be one of {', '.join(UNET_WEIGHTS)}, got {self.train_unet!r}")
 
 

@@ -40,14 +40,18 @@ def generate(backbone, adapter: Adapter | None, prompts: list[str], seeds: list[
     return out
 
 
+EMPTY_CAPTION = '""'  # in a class prompt: the empty caption, the unconditional branch classifier-free guidance subtracts
+
+
 def class_prompts(prompt: str, n: int) -> list[str]:
     """The prompt of each of n class images: `prompt`, or, with several separated by ';', each in turn (a prior over
-    several prompts holds more of what the base model draws in place than one prompt does)."""
+    several prompts holds more of what the base model draws in place than one prompt does). `""` stands for the
+    empty caption (a prior on it holds the unconditional prediction, which full fine-tuning otherwise moves too)."""
     parts = [q.strip() for q in prompt.split(";")]
     if not all(parts):
         raise ValueError(f"class_prompt has an empty prompt between its ';' ({prompt!r}): give one prompt, or several "
-                         "separated by ';'")
-    return [parts[i % len(parts)] for i in range(n)]
+                         f"separated by ';' ({EMPTY_CAPTION} for the empty caption)")
+    return [("" if q == EMPTY_CAPTION else q) for q in (parts[i % len(parts)] for i in range(n))]
 
 
 def class_images(backbone, prompt: str, n: int, seed: int = 0, steps: int = 25, guidance: float = 7.5,

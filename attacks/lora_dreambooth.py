@@ -21,6 +21,7 @@ from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
 from .data import DreamBoothBatches, train_loop
+from .generate import class_prompts
 from .train import Attack, AttackOutput, AttackParams
 
 ADAPTER = "ldu_attack"
@@ -38,7 +39,7 @@ class LoRAParams(AttackParams):
     train_text_encoder: bool = param(False, "also put LoRA on the text encoder")
     text_lr: float | None = param(None, "text-encoder LoRA learning rate (None: = lr)")
     prior_preservation: bool = param(False, "add class images from the base model with the class prompt")
-    class_prompt: str = param("a photo of a person", "prior-preservation prompt; several separated by ';' take turns")
+    class_prompt: str = param("a photo of a person", "prior-preservation prompt; several separated by ';' take turns, \"\" is the empty caption")
     num_class_images: int = param(100, "prior-preservation images (generated once, seeded)")
     prior_loss_weight: float = param(1.0, "weight of the class loss")
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
@@ -52,8 +53,8 @@ class LoRAParams(AttackParams):
         super().__post_init__()
         check(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
         check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
-        check(all(q.strip() for q in self.class_prompt.split(";")) or not self.prior_preservation,
-              f"class_prompt has an empty prompt ({self.class_prompt!r}): give one prompt, or several separated by ';'")
+        if self.prior_preservation:
+            class_prompts(self.class_prompt, 1)  # refuses an empty prompt by name
 
 
 def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callback=None) -> AttackOutput:

@@ -195,6 +195,7 @@ def test_several_class_prompts_take_turns_and_each_image_keeps_its_prompt(tiny, 
 
     assert class_prompts("a photo of a dog; a red circle", 5) == ["a photo of a dog", "a red circle"] * 2 + ["a photo of a dog"]
     assert class_prompts("a photo of a dog", 3) == ["a photo of a dog"] * 3
+    assert class_prompts('""; a photo of a dog', 3) == ["", "a photo of a dog", ""]  # "" is the empty caption
     with pytest.raises(ValueError, match="empty prompt"):
         LoRAParams(prior_preservation=True, class_prompt="a photo of a dog;;a cat")
     gen = importlib.import_module("attacks.generate")
