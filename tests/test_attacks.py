@@ -203,7 +203,7 @@ def test_several_class_prompts_take_turns_and_each_image_keeps_its_prompt(tiny, 
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda b, a, prompts, seeds, **k: drawn.update(zip(seeds, prompts)) or real(b, a, prompts, seeds, **k))
     p = LoRAParams(prior_preservation=True, class_prompt="a photo of a dog;a photo of a cat", num_class_images=4,
-                             batch_size=2, seed=10)
+                   batch_size=2, seed=10)
     batches = DreamBoothBatches(tiny, instance_views(views, tiny.resolution), p, torch.Generator().manual_seed(0))
     assert sorted(drawn.items()) == [(10, "a photo of a dog"), (11, "a photo of a cat"), (12, "a photo of a dog"), (13, "a photo of a cat")]
     taken, take = [], batches.cls_order.next  # which class images each step takes
