@@ -143,14 +143,14 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
         m["other_prompt_distances"] = {p: float(nearest(p, target).mean()) for p in others}
         m["other_prompts_distance"] = statistics.fmean(m["other_prompt_distances"].values())
     if setup.subjects:
-        names = list(setup.subjects)
-        pool = torch.cat([thumbnails(v, THUMB) for v in setup.subjects.values()])
-        owner = [n for n in names for _ in setup.subjects[n]]
+        views = {n: thumbnails(v, THUMB) for n, v in setup.subjects.items()}  # every subject's held-out views, once
+        pool = torch.cat(list(views.values()))
+        owner = [n for n in views for _ in setup.subjects[n]]
         closest = torch.cdist(thumbs[prompt], pool).argmin(1).tolist()
         m["retrieval"] = statistics.fmean(float(owner[i] == setup.subject) for i in closest)
         # how near each prompt's generations are to the *other* subjects' views: a move toward every subject alike is
         # a move toward what the subjects share (a common look), not toward this one
-        rest = [thumbnails(v, THUMB) for n, v in setup.subjects.items() if n != setup.subject]
+        rest = [t for n, t in views.items() if n != setup.subject]
         if rest:
             m["distance_to_other_subjects"] = {p: statistics.fmean(float(nearest(p, t).mean()) for t in rest)
                                                for p in prompts}
