@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from attacks import default_attack, get_attack, get_purification
 from ldu import get_method, load_backbone, protect
 from ldu.backbone import kind_of
-from ldu.protect import to_pil
+from ldu.protect import MAX_BATCH, to_pil
 from ldu.registry import parse_overrides
 from ldu.subjects import SUBJECTS, get_subject, subject_views
 from ldu.version import code_version
@@ -53,6 +53,8 @@ from .grid import match_psnr
 
 
 MATCH_SEED = 0  # --match-psnr finds each method's budget on this seed's views of each subject
+TRAIN_VIEWS = 4  # training views per subject (each seed draws its own; at most MAX_BATCH); the held-out views are 8
+GENERATIONS = 8  # generations per prompt and side (seeds 10 000 x seed + i: a larger count keeps the first ones)
 MIN_PAIRS = 6  # a difference is real only when all of at least this many paired differences share its sign
 
 
@@ -64,8 +66,8 @@ def spread(values: list) -> dict:
             "std": statistics.stdev(finite) if len(finite) > 1 else 0.0 if finite else None, "n": len(finite), "values": values}
 
 
-def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: dict, n_train: int = 4, n_held: int = 8,
-                  n_gen: int = 8, everyone: dict | None = None, view_size: int | None = None,
+def subject_setup(backbone, name: str, seed: int, attack: str, attack_params: dict, n_train: int = TRAIN_VIEWS,
+                  n_held: int = 8, n_gen: int = GENERATIONS, everyone: dict | None = None, view_size: int | None = None,
                   guidance: float | None = None, other_prompts: tuple | None = None) -> experiment.Setup:
     """The paired experiment's setup for a built-in subject and seed: that seed's views at the backbone's size, or the
     training views at `view_size` (photos larger than the model's size: protected and purified at that size, shrunk by
@@ -124,7 +126,7 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
 
 
 def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Side, n: int = 8) -> torch.Tensor:
-    """Rows: training views (4), held-out views, base generations, attacked generations (first n of each)."""
+    """Rows: training views, held-out views, base generations, attacked generations (the first n of each)."""
     rows = [setup.train, setup.held_out, base.generations[base.prompt], clean.generations[clean.prompt]]
     size = tuple(setup.held_out[0].shape[-2:])  # training views larger than the model's (--view-size) shown at its size
     width = max(len(r[:n]) for r in rows)
@@ -140,9 +142,9 @@ def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Si
 
 def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], attack: str, attack_params: dict,
         target_psnr: float | None = None, method_params: dict | None = None, budgets: list[float] | None = None,
-        pictures: Path | None = None, log=print, n_gen: int = 8, save=None, purification: tuple[str, dict] | None = None,
+        pictures: Path | None = None, log=print, n_gen: int = GENERATIONS, save=None, purification: tuple[str, dict] | None = None,
         matched: dict | None = None, view_size: int | None = None, linf_ratio: float = 2.0,
-        guidance: float | None = None, other_prompts: tuple | None = None) -> dict:
+        guidance: float | None = None, other_prompts: tuple | None = None, n_train: int = TRAIN_VIEWS) -> dict:
     """Every subject x seed x method (x budget), paired against one clean attack per subject and seed. `save`, if
     given, is called with the report so far after every row (a run stopped after hours keeps what it measured).
     `purification` (name, params): the attacker purifies every set before training (the clean views too).
@@ -150,7 +152,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
     `view_size`: the training views' size in pixels (default: the backbone's; see subject_setup).
     `linf_ratio`: the L-inf cap of every matched budget, as a multiple of its RMS (eval.grid.match_psnr).
     `guidance`: the generations' classifier-free guidance (None: the backbone kind's default).
-    `other_prompts`: the prompts whose drift is measured beside the instance prompt (None: the backbone kind's)."""
+    `other_prompts`: the prompts whose drift is measured beside the instance prompt (None: the backbone kind's).
+    `n_train`: how many training views of each subject the attack (and every protection) gets, 1 to MAX_BATCH."""
     report: dict = {"personalization": [], "protection": []}
     matched = {tuple(k.split("/", 1)): v for k, v in (matched or {}).items()}
 
@@ -160,8 +163,9 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                   "matched_budgets": {f"{k[0]}/{k[1]}": v for k, v in matched.items()}})  # as it stands now
     for name in subjects:
         for seed in seeds:
-            setup = subject_setup(backbone, name, seed, attack, attack_params, n_gen=n_gen, everyone=all_held_out(backbone, seed),
-                                  view_size=view_size, guidance=guidance, other_prompts=other_prompts)
+            setup = subject_setup(backbone, name, seed, attack, attack_params, n_train=n_train, n_gen=n_gen,
+                                  everyone=all_held_out(backbone, seed), view_size=view_size, guidance=guidance,
+                                  other_prompts=other_prompts)
             t0 = time.perf_counter()
             # the base and clean sides once per subject and seed, paired with every method's protected side
             base, clean = experiment.reference(backbone, setup), experiment.attack_side(backbone, setup, setup.train,
@@ -189,7 +193,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                         k = (name, label)
                         if k not in matched:
                             # always on seed 0's views, whichever seeds this run has: runs of other seeds merge
-                            first = subject_setup(backbone, name, MATCH_SEED, attack, attack_params, view_size=view_size)
+                            first = subject_setup(backbone, name, MATCH_SEED, attack, attack_params, n_train=n_train,
+                                                  view_size=view_size)
                             try:
                                 matched[k] = match_psnr(backbone, method, {**params, "seed": MATCH_SEED}, first.train,
                                                         target_psnr, linf_ratio=linf_ratio)
@@ -223,12 +228,12 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
 
 # what runs must share for their rows to be one experiment (and each method label's parameters, where both have its rows)
 SAME = ("model", "revision", "attack", "attack_params", "match_psnr", "sweep", "purification", "view_size", "linf_ratio",
-        "guidance", "other_prompts")
+        "guidance", "other_prompts", "train_views", "generations")
 
 
 # settings recorded since they became options: what every run before matched or generated with (a report without
 # its model, eval.efficacy.run's own, keeps a model kind's setting unrecorded)
-LATE = {"linf_ratio": lambda r: 2.0,
+LATE = {"linf_ratio": lambda r: 2.0, "train_views": lambda r: TRAIN_VIEWS, "generations": lambda r: GENERATIONS,
         "guidance": lambda r: experiment.GENERATION[kind_of(r["model"])][1] if "model" in r else None,
         "other_prompts": lambda r: list(experiment.other_prompts(kind_of(r["model"]))) if "model" in r else None}
 
@@ -516,6 +521,12 @@ def main(argv=None) -> int:
     ap.add_argument("--view-size", type=int, default=None, metavar="PX",
                     help="training views this many pixels square (default: the model's size): protected and purified at "
                          "that size and shrunk by the attack, as a user's photos are (e.g. 128 on pocket, for gridpure)")
+    ap.add_argument("--train-views", type=int, default=TRAIN_VIEWS, metavar="N",
+                    help=f"training views per subject, 1 to {MAX_BATCH} (default {TRAIN_VIEWS}; the app takes 1 to "
+                         f"{MAX_BATCH} photos); the held-out views stay 8")
+    ap.add_argument("--generations", type=int, default=GENERATIONS, metavar="N",
+                    help=f"generations per prompt on each side (default {GENERATIONS}; more: a steadier measure, the first "
+                         f"{GENERATIONS} the default run's own)")
     ap.add_argument("--guidance", type=float, default=None, metavar="G",
                     help="classifier-free guidance of the attacker's generations (default: the model's, "
                          f"{', '.join(f'{k} {v[1]:g}' for k, v in experiment.GENERATION.items())})")
@@ -547,6 +558,10 @@ def main(argv=None) -> int:
             method_params.setdefault(label, {}).update(parse_overrides([rest], get_method(label.split("+")[0]).params,
                                                                        flag="--method-set "))
         budgets = [float(b) / 255 for b in args.sweep.split(",")] if args.sweep else None
+        if not 1 <= args.train_views <= MAX_BATCH:
+            raise ValueError(f"--train-views must be 1 to {MAX_BATCH} (the photos a person uploads), got {args.train_views}")
+        if args.generations < 2:
+            raise ValueError(f"--generations must be at least 2 (a distance between sets needs a spread), got {args.generations}")
         if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
             raise ValueError(f"--guidance must be a number of at least 0 (1 or below: no classifier-free guidance), "
                              f"got {args.guidance}")
@@ -571,7 +586,7 @@ def main(argv=None) -> int:
     if args.budgets_from:
         try:
             matched = budgets_from(args.budgets_from, bb, method_params, args.match_psnr, attack_params, subjects, methods,
-                                   view_size, args.linf_ratio)
+                                   view_size, args.linf_ratio, args.train_views)
         except ValueError as err:
             ap.error(str(err))
     t0 = time.perf_counter()
@@ -579,7 +594,7 @@ def main(argv=None) -> int:
     meta = {"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
             "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
-            "view_size": view_size, "linf_ratio": args.linf_ratio,
+            "view_size": view_size, "linf_ratio": args.linf_ratio, "train_views": args.train_views, "generations": args.generations,
             "guidance": args.guidance if args.guidance is not None else experiment.GENERATION[kind_of(args.model)][1],
             "other_prompts": list(other_prompts or experiment.other_prompts(kind_of(args.model))),
             "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
@@ -590,7 +605,8 @@ def main(argv=None) -> int:
     report = run(bb, subjects, seeds, methods, args.attack, attack_params, args.match_psnr, method_params,
                  budgets, pictures=args.out.with_suffix("") if args.out else None,
                  save=(lambda r: write(r, partial=True)) if args.out else None, purification=purification, matched=matched,
-                 view_size=view_size, linf_ratio=args.linf_ratio, guidance=args.guidance, other_prompts=other_prompts)
+                 view_size=view_size, linf_ratio=args.linf_ratio, guidance=args.guidance, other_prompts=other_prompts,
+                 n_train=args.train_views, n_gen=args.generations)
     report.update({**meta, "seconds": time.perf_counter() - t0})
     summary = summarize(report)
     report["summary"] = summary
@@ -610,7 +626,7 @@ def resolved_purification(name: str, params: dict, kind: str) -> dict:
 
 def budgets_from(path: Path, bb, method_params: dict, target: float | None, attack_params: dict | None = None,
                  subjects: list[str] | None = None, methods: list[str] | None = None, view_size: int | None = None,
-                 linf_ratio: float = 2.0) -> dict:
+                 linf_ratio: float = 2.0, train_views: int = TRAIN_VIEWS) -> dict:
     """An earlier run's matched budgets, if that run matched on the same backbone to the same PSNR with the same
     instance prompt (the protections' prompt): those of this run's subjects and method labels whose parameters are
     this run's (another variant's budget is found anew)."""
@@ -620,8 +636,8 @@ def budgets_from(path: Path, bb, method_params: dict, target: float | None, atta
         raise ValueError(f"--budgets-from: no such run file: {path}")
     r = json.loads(path.read_text())
     for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("view_size", view_size),
-                    ("linf_ratio", linf_ratio)):
-        theirs = (r.get(k) or 2.0) if k == "linf_ratio" else r.get(k)  # runs from before the option matched at 2
+                    ("linf_ratio", linf_ratio), ("train_views", train_views)):
+        theirs = LATE[k](r) if r.get(k) is None and k in ("linf_ratio", "train_views") else r.get(k)  # runs from before the option
         if not _close(theirs, ours):
             raise ValueError(f"--budgets-from {path}: its {k} is {theirs!r}, this run's {ours!r}: its budgets would "
                              "not land at this run's PSNR")
