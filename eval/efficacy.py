@@ -594,7 +594,8 @@ def main(argv=None) -> int:
     meta = {"model": bb.spec, "revision": bb.revision, "subjects": subjects, "seeds": seeds, "attack": args.attack,
             "attack_params": attack_params, "method_params": method_params, "match_psnr": args.match_psnr,
             "sweep": budgets, "purification": None if purification is None else {"name": purification[0], "params": purification[1]},
-            "view_size": view_size, "linf_ratio": args.linf_ratio, "train_views": args.train_views, "generations": args.generations,
+            "view_size": view_size, "linf_ratio": args.linf_ratio, "train_views": args.train_views,
+            "generations": args.generations,
             "guidance": args.guidance if args.guidance is not None else experiment.GENERATION[kind_of(args.model)][1],
             "other_prompts": list(other_prompts or experiment.other_prompts(kind_of(args.model))),
             "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
@@ -637,7 +638,7 @@ def budgets_from(path: Path, bb, method_params: dict, target: float | None, atta
     r = json.loads(path.read_text())
     for k, ours in (("model", bb.spec), ("revision", bb.revision), ("match_psnr", target), ("view_size", view_size),
                     ("linf_ratio", linf_ratio), ("train_views", train_views)):
-        theirs = LATE[k](r) if r.get(k) is None and k in ("linf_ratio", "train_views") else r.get(k)  # runs from before the option
+        theirs = LATE[k](r) if r.get(k) is None and k in LATE else r.get(k)  # a run from before the option: its default
         if not _close(theirs, ours):
             raise ValueError(f"--budgets-from {path}: its {k} is {theirs!r}, this run's {ours!r}: its budgets would "
                              "not land at this run's PSNR")

@@ -512,18 +512,22 @@ def test_train_views_is_how_many_views_every_attack_and_protection_gets_and_is_p
 
     trained, protected = [], []
     real_train, real_protect = ex.train, ef.protect
-    monkeypatch.setattr(ex, "train", lambda bb, images, *a, **k: (trained.append(len(images)), real_train(bb, images, *a, **k))[1])
-    monkeypatch.setattr(ef, "protect", lambda images, *a, **k: (protected.append(len(images)), real_protect(images, *a, **k))[1])
+    monkeypatch.setattr(ex, "train", lambda bb, images, *a, **k: (trained.append(len(images)),
+                                                                  real_train(bb, images, *a, **k))[1])
+    monkeypatch.setattr(ef, "protect", lambda images, *a, **k: (protected.append(len(images)),
+                                                                real_protect(images, *a, **k))[1])
     ef.run(tiny, ["robot"], [0], ["noise"], "lora_dreambooth", {"steps": 1}, n_gen=2, log=lambda *a: None,
            method_params={"noise": {"budget_rms": 4 / 255}}, n_train=6)
     assert trained == [6, 6] and protected == [6]  # the clean and the protected attack; the protection
     setup = ef.subject_setup(tiny, "robot", 1, "lora_dreambooth", {}, n_train=6)
     first4 = subject_views("robot", "train", 4, seed=1, size=tiny.resolution)[0]
     assert len(setup.held_out) == 8 and len(setup.train) == 6
-    assert np.array_equal(np.stack([(x.permute(1, 2, 0) * 255).round().byte().numpy() for x in setup.train[:4]]), first4)
+    as_uint8 = np.stack([(x.permute(1, 2, 0) * 255).round().byte().numpy() for x in setup.train[:4]])
+    assert np.array_equal(as_uint8, first4)
     with pytest.raises(ValueError, match="differ in train_views"):
         ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "train_views": 8}])
-    assert ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "train_views": 4}])["train_views"] == 4
+    merged = ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "train_views": 4}])
+    assert merged["train_views"] == 4
     given = {"robot/noise": {"budget_rms": 4 / 255, "linf": 16 / 255}}
     (tmp_path / "r.json").write_text(json.dumps({"model": "tiny", "revision": tiny.revision, "match_psnr": 35.0,
                                                  "method_params": {}, "matched_budgets": given}))
@@ -533,7 +537,8 @@ def test_train_views_is_how_many_views_every_attack_and_protection_gets_and_is_p
     for n in ("0", "9"):
         with pytest.raises(SystemExit) as err:
             ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--train-views", n])
-        assert err.value.code == 2 and f"--train-views must be 1 to 8 (the photos a person uploads), got {n}" in capsys.readouterr().err
+        why = f"--train-views must be 1 to 8 (the photos a person uploads), got {n}"
+        assert err.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_generations_is_how_many_every_side_draws_per_prompt_and_a_larger_count_keeps_the_first(tiny, monkeypatch, capsys,
@@ -553,7 +558,8 @@ def test_generations_is_how_many_every_side_draws_per_prompt_and_a_larger_count_
         return images[-1]
     monkeypatch.setattr(ex, "generate", generate)
     assert ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--first-seed", "1", "--methods", "none",
-                    "--set", "steps=1", "--other-prompts", "a cat", "--generations", "3", "--out", str(tmp_path / "r.json")]) == 0
+                    "--set", "steps=1", "--other-prompts", "a cat", "--generations", "3",
+                    "--out", str(tmp_path / "r.json")]) == 0
     assert seeds == [[10_000, 10_001, 10_002]] * 4  # base and attacked side, the instance prompt and the other one
     assert json.loads((tmp_path / "r.json").read_text())["generations"] == 3
     steps, guidance = ex.GENERATION[tiny.kind]
@@ -561,7 +567,8 @@ def test_generations_is_how_many_every_side_draws_per_prompt_and_a_larger_count_
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(few, images[0][:2]))
     with pytest.raises(ValueError, match="differ in generations"):
         ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "generations": 32}])
-    assert ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "generations": 8}])["generations"] == 8
+    merged = ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "generations": 8}])
+    assert merged["generations"] == 8
     with pytest.raises(SystemExit) as err:
         ef.main(["--model", "tiny", "--subjects", "robot", "--seeds", "1", "--methods", "none", "--generations", "1"])
     assert err.value.code == 2 and "--generations must be at least 2" in capsys.readouterr().err
