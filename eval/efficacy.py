@@ -13,6 +13,9 @@
   every upload, protected or not). Budgets are still matched on the images as uploaded.
 - `--view-size 128`: training views larger than the model's size, protected and purified at that size and shrunk by
   the attack as a user's photos are (GrIDPure only differs from DiffPure then); held-out views stay at the model's size.
+- `--train-views 8`: each subject's first 8 training views of each seed (default 4, the first 4 the same), as a person
+  uploading 8 photos; `--generations 32`: 32 generations a prompt and side (default 8, the first 8 the same), a
+  steadier per-pair measure. Runs with other counts are other experiments (no merge, no budgets taken).
 - `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone and target; for each method
   label with the same parameters) instead of searching again: the same budgets (and, with the same code, the same
   protected images).
