@@ -98,6 +98,10 @@ def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
 def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     b, c = base.measures, clean.measures
     closable = b["gen_distance_mean"] - b["train_views_distance"]
+    # the gap closed's own noise over generation draws: the standard error of the mean of its per-generation terms
+    # (the base and the attacked generation of each seed, paired)
+    terms = [(x - y) / closable for x, y in zip(b["gen_distance"], c["gen_distance"])] if closable > 0 else []
+    gap_noise = statistics.stdev(terms) / math.sqrt(len(terms)) if len(terms) > 1 else float("nan")
     def moved(p_base, p_clean):  # mean absolute change of a prompt's generations (same seeds) in [0, 1] pixels
         return float((torch.stack(clean.generations[p_clean]) - torch.stack(base.generations[p_base])).abs().mean())
 
@@ -118,6 +122,7 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "distance_base": b["gen_distance_mean"], "distance_attacked": c["gen_distance_mean"],
         "distance_train_views": b["train_views_distance"],
         "gap_closed": (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else float("nan"),
+        "gap_closed_noise": gap_noise,
         "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
         "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],
@@ -241,7 +246,7 @@ LATE = {"linf_ratio": lambda r: 2.0, "train_views": lambda r: TRAIN_VIEWS, "gene
         "other_prompts": lambda r: list(experiment.other_prompts(kind_of(r["model"]))) if "model" in r else None}
 
 # row fields recorded since a later version: a row from before lacks them, and that is no difference
-LATE_FIELDS = {"per_prompt", "instance_prompt_toward_other_subjects"}
+LATE_FIELDS = {"per_prompt", "instance_prompt_toward_other_subjects", "gap_closed_noise"}
 
 
 def _close(a, b) -> bool:

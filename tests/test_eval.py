@@ -574,6 +574,26 @@ def test_generations_is_how_many_every_side_draws_per_prompt_and_a_larger_count_
     assert err.value.code == 2 and "--generations must be at least 2" in capsys.readouterr().err
 
 
+def test_gap_closed_carries_its_own_noise_over_generation_draws():
+    """Each personalization row gives the gap closed's standard error over the generation draws: the spread of its
+    per-generation terms (base minus attacked distance of each seed, over the closable gap) over the square root of
+    their count; their mean is the gap closed itself. A row from before the field merges with one that has it."""
+    import eval.efficacy as ef
+    import eval.experiment as ex
+
+    gens = {"p": [torch.zeros(3, 4, 4)] * 4}
+    base = ex.Side({"gen_distance": [3.0, 4.0, 5.0, 6.0], "gen_distance_mean": 4.5, "train_views_distance": 1.0,
+                    "post_attack_loss": 0.1}, gens, "p")
+    clean = ex.Side({"gen_distance": [2.0, 2.0, 4.0, 4.0], "gen_distance_mean": 3.0, "post_attack_loss": 0.1}, gens, "p")
+    row = ef.personalization_row(base, clean)
+    terms = np.array([1.0, 2.0, 1.0, 2.0]) / 3.5
+    assert row["gap_closed"] == pytest.approx(terms.mean()) == pytest.approx(1.5 / 3.5)
+    assert row["gap_closed_noise"] == pytest.approx(terms.std(ddof=1) / 2)
+    old, new = _report([], [("frog", 0, 0.5)]), _report([], [("frog", 0, 0.5)])
+    new["personalization"][0]["gap_closed_noise"] = 0.1
+    assert ef.merge([old, new])["personalization"][0]["gap_closed"] == 0.5
+
+
 def test_guidance_reaches_every_generation_and_is_part_of_the_experiment(tiny, monkeypatch, capsys):
     """--guidance: the base, clean and protected sides generate at it; runs at another guidance are another
     experiment, and a run from before the option merges as the model's default; a bad value fails before any work."""
