@@ -98,9 +98,11 @@ def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
 def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     b, c = base.measures, clean.measures
     closable = b["gen_distance_mean"] - b["train_views_distance"]
-    # the gap closed's own noise over generation draws: the standard error of the mean of its per-generation terms
-    # (the base and the attacked generation of each seed, paired)
-    terms = [(x - y) / closable for x, y in zip(b["gen_distance"], c["gen_distance"])] if closable > 0 else []
+    gap = (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else float("nan")
+    # its own noise over generation draws (the delta method): gap = (B - C) / (B - T), B and C the means of the base's
+    # and the attack's per-generation distances at the same seeds, so each seed's influence is ((1 - gap) b - c) / (B - T)
+    # (the base's draws move the closable gap too) and the standard error is their spread over the square root of n
+    terms = [((1 - gap) * x - y) / closable for x, y in zip(b["gen_distance"], c["gen_distance"])] if closable > 0 else []
     gap_noise = statistics.stdev(terms) / math.sqrt(len(terms)) if len(terms) > 1 else float("nan")
     def moved(p_base, p_clean):  # mean absolute change of a prompt's generations (same seeds) in [0, 1] pixels
         return float((torch.stack(clean.generations[p_clean]) - torch.stack(base.generations[p_base])).abs().mean())
@@ -121,8 +123,7 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "post_attack_loss_base": b["post_attack_loss"], "post_attack_loss_attacked": c["post_attack_loss"],
         "distance_base": b["gen_distance_mean"], "distance_attacked": c["gen_distance_mean"],
         "distance_train_views": b["train_views_distance"],
-        "gap_closed": (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else float("nan"),
-        "gap_closed_noise": gap_noise,
+        "gap_closed": gap, "gap_closed_noise": gap_noise,
         "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
         "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],

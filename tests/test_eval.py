@@ -575,9 +575,10 @@ def test_generations_is_how_many_every_side_draws_per_prompt_and_a_larger_count_
 
 
 def test_gap_closed_carries_its_own_noise_over_generation_draws():
-    """Each personalization row gives the gap closed's standard error over the generation draws: the spread of its
-    per-generation terms (base minus attacked distance of each seed, over the closable gap) over the square root of
-    their count; their mean is the gap closed itself. A row from before the field merges with one that has it."""
+    """Each personalization row gives the gap closed's standard error over the generation draws by the delta method:
+    gap = (B - C) / (B - T) moves with each seed's base distance b (in the closable gap too) and attacked distance c
+    as ((1 - gap) b - c) / (B - T); the spread of those over the square root of their count. Checked against the
+    spread of the gap closed itself over many simulated draws. A row from before the field merges with one that has it."""
     import eval.efficacy as ef
     import eval.experiment as ex
 
@@ -586,9 +587,22 @@ def test_gap_closed_carries_its_own_noise_over_generation_draws():
                     "post_attack_loss": 0.1}, gens, "p")
     clean = ex.Side({"gen_distance": [2.0, 2.0, 4.0, 4.0], "gen_distance_mean": 3.0, "post_attack_loss": 0.1}, gens, "p")
     row = ef.personalization_row(base, clean)
-    terms = np.array([1.0, 2.0, 1.0, 2.0]) / 3.5
-    assert row["gap_closed"] == pytest.approx(terms.mean()) == pytest.approx(1.5 / 3.5)
+    gap = 1.5 / 3.5
+    terms = ((1 - gap) * np.array([3.0, 4.0, 5.0, 6.0]) - np.array([2.0, 2.0, 4.0, 4.0])) / 3.5
+    assert row["gap_closed"] == pytest.approx(gap)
     assert row["gap_closed_noise"] == pytest.approx(terms.std(ddof=1) / 2)
+    # against simulation: 8 seeds' distances drawn (base and attacked correlated, as at shared seeds) many times
+    rng = np.random.default_rng(0)
+    gaps, noises = [], []
+    for _ in range(4000):
+        shared = rng.normal(0, 0.5, 8)
+        b_i, c_i = 7.5 + shared + rng.normal(0, 0.4, 8), 6.0 + 0.6 * shared + rng.normal(0, 0.6, 8)
+        r = ef.personalization_row(ex.Side({"gen_distance": list(b_i), "gen_distance_mean": b_i.mean(),
+                                            "train_views_distance": 4.5, "post_attack_loss": 0.1}, gens, "p"),
+                                   ex.Side({"gen_distance": list(c_i), "gen_distance_mean": c_i.mean(),
+                                            "post_attack_loss": 0.1}, gens, "p"))
+        gaps.append(r["gap_closed"]), noises.append(r["gap_closed_noise"])
+    assert np.sqrt(np.mean(np.square(noises))) == pytest.approx(np.std(gaps), rel=0.1)
     old, new = _report([], [("frog", 0, 0.5)]), _report([], [("frog", 0, 0.5)])
     new["personalization"][0]["gap_closed_noise"] = 0.1
     assert ef.merge([old, new])["personalization"][0]["gap_closed"] == 0.5
