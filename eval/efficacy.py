@@ -101,7 +101,8 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     gap = (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else float("nan")
     # its own noise over generation draws (the delta method): gap = (B - C) / (B - T), B and C the means of the base's
     # and the attack's per-generation distances at the same seeds, so each seed's influence is ((1 - gap) b - c) / (B - T)
-    # (the base's draws move the closable gap too) and the standard error is their spread over the square root of n
+    # (the base's draws move the closable gap too) and the standard error is their spread over the square root of n;
+    # a floor: from 8 generations on pocket it was about 3/4 of the noise a 32-generation rerun measured (RESULTS)
     terms = [((1 - gap) * x - y) / closable for x, y in zip(b["gen_distance"], c["gen_distance"])] if closable > 0 else []
     gap_noise = statistics.stdev(terms) / math.sqrt(len(terms)) if len(terms) > 1 else float("nan")
     def moved(p_base, p_clean):  # mean absolute change of a prompt's generations (same seeds) in [0, 1] pixels
