@@ -15,7 +15,7 @@ import torch
 
 from ldu.finetune import grad_scaler, train_step
 from ldu.protect import instance_views  # noqa: F401  (re-exported: the attacks' view of their training images)
-from ldu.registry import report
+from ldu.registry import check, report
 
 from .generate import class_images, class_prompts
 
@@ -68,6 +68,14 @@ class Shuffler:
                 self.queue = torch.randperm(self.n, generator=self.generator).tolist()
             out.append(self.queue.pop(0))
         return torch.tensor(out)
+
+
+def check_prior(p) -> None:
+    """The prior-preservation parameters' checks, for every attack whose params carry them (DreamBoothBatches reads
+    them): at least one class image, and no empty prompt between a class prompt's ';' (refused by name)."""
+    check(p.num_class_images >= 1 or not p.prior_preservation, "num_class_images must be at least 1")
+    if p.prior_preservation:
+        class_prompts(p.class_prompt, 1)
 
 
 class DreamBoothBatches:

@@ -23,8 +23,7 @@ import torch
 
 from ldu.registry import check, param, report
 
-from .data import DreamBoothBatches, train_loop
-from .generate import class_prompts
+from .data import DreamBoothBatches, check_prior, train_loop
 from .train import Attack, AttackOutput, AttackParams
 
 
@@ -57,9 +56,7 @@ class DreamBoothParams(AttackParams):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
-        if self.prior_preservation:
-            class_prompts(self.class_prompt, 1)  # refuses an empty prompt by name
+        check_prior(self)
         check(self.train_unet in UNET_WEIGHTS, f"train_unet must be one of {', '.join(UNET_WEIGHTS)}, got {self.train_unet!r}")
 
 

@@ -20,8 +20,7 @@ from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, remove_
 from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
-from .data import DreamBoothBatches, train_loop
-from .generate import class_prompts
+from .data import DreamBoothBatches, check_prior, train_loop
 from .train import Attack, AttackOutput, AttackParams
 
 ADAPTER = "ldu_attack"
@@ -52,9 +51,7 @@ class LoRAParams(AttackParams):
     def __post_init__(self):
         super().__post_init__()
         check(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
-        check(self.num_class_images >= 1 or not self.prior_preservation, "num_class_images must be at least 1")
-        if self.prior_preservation:
-            class_prompts(self.class_prompt, 1)  # refuses an empty prompt by name
+        check_prior(self)
 
 
 def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callback=None) -> AttackOutput:
