@@ -104,7 +104,7 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     # (the base's draws move the closable gap too) and the standard error is their spread over the square root of n;
     # a floor: from 8 generations on pocket it was about 3/4 of the noise a 32-generation rerun measured (RESULTS)
     terms = [((1 - gap) * x - y) / closable for x, y in zip(b["gen_distance"], c["gen_distance"])] if closable > 0 else []
-    gap_noise = statistics.stdev(terms) / math.sqrt(len(terms)) if len(terms) > 1 else float("nan")
+    gap_noise = experiment.sem(terms) if len(terms) > 1 else float("nan")
     def moved(p_base, p_clean):  # mean absolute change of a prompt's generations (same seeds) in [0, 1] pixels
         return float((torch.stack(clean.generations[p_clean]) - torch.stack(base.generations[p_base])).abs().mean())
 

@@ -194,7 +194,7 @@ def attack_side(backbone, setup: Setup, images, out=None, purification: tuple[st
 ONE_SAMPLE = "unavailable: one sample gives no noise estimate (use at least 2 generations)"
 
 
-def _sem(values: list[float]) -> float | None:
+def sem(values: list[float]) -> float | None:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
@@ -204,8 +204,8 @@ def _shares(base: list[float], clean: list[float], prot: list[float], out: dict,
     mean(b - c), so the denominator's own noise and its correlation with the numerator (both hold c) count."""
     learned = [x - y for x, y in zip(base, clean)]
     gained = [x - y for x, y in zip(prot, clean)]
-    out[f"{name}_learned"], out[f"{name}_learned_noise"] = statistics.fmean(learned), _sem(learned)
-    out[f"{name}_difference"], out[f"{name}_difference_noise"] = statistics.fmean(gained), _sem(gained)
+    out[f"{name}_learned"], out[f"{name}_learned_noise"] = statistics.fmean(learned), sem(learned)
+    out[f"{name}_difference"], out[f"{name}_difference_noise"] = statistics.fmean(gained), sem(gained)
     if len(learned) < 2:
         out[f"prevented_{name}"] = ONE_SAMPLE
         return
@@ -215,7 +215,7 @@ def _shares(base: list[float], clean: list[float], prot: list[float], out: dict,
         return
     share = out[f"{name}_difference"] / denominator
     out[f"prevented_{name}"] = share
-    out[f"prevented_{name}_noise"] = _sem([g - share * l for g, l in zip(gained, learned)]) / denominator
+    out[f"prevented_{name}_noise"] = sem([g - share * l for g, l in zip(gained, learned)]) / denominator
 
 
 def compare(b: dict, c: dict, p: dict) -> dict:
