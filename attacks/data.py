@@ -9,6 +9,7 @@ example's `vae.encode(x).latent_dist.sample()` does, with the attack's own seede
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +71,13 @@ class Shuffler:
         return torch.tensor(out)
 
 
-def check_prior(p) -> None:
-    """The prior-preservation parameters' checks, for every attack whose params carry them (DreamBoothBatches reads
-    them): at least one class image, and no empty prompt between a class prompt's ';' (refused by name)."""
+def check_loss_options(p) -> None:
+    """The checks of the loss options shared by DreamBooth and LoRA-DreamBooth (DreamBoothBatches and train_loop read
+    them): at least one class image, no empty prompt between a class prompt's ';' (refused by name), and a positive
+    Min-SNR gamma."""
     check(p.num_class_images >= 1 or not p.prior_preservation, "num_class_images must be at least 1")
+    check(p.snr_gamma is None or (math.isfinite(p.snr_gamma) and p.snr_gamma > 0),
+          f"snr_gamma must be a positive number (5 is usual) or None, got {p.snr_gamma}")
     if p.prior_preservation:
         class_prompts(p.class_prompt, 1)
 
@@ -108,14 +112,16 @@ class DreamBoothBatches:
 
 def train_loop(backbone, batches, trainable, optimizer, steps: int, generator: torch.Generator, callback=None,
                grad_text: bool = False, max_grad_norm: float | None = 1.0, after_step=None,
-               context=contextlib.nullcontext) -> list[float]:
-    """`steps` optimiser steps on batches() -> (latents, prompts, weights); returns the loss curve."""
+               context=contextlib.nullcontext, snr_gamma: float | None = None) -> list[float]:
+    """`steps` optimiser steps on batches() -> (latents, prompts, weights); returns the loss curve. snr_gamma:
+    Min-SNR weighting of the loss (ldu.finetune.train_step)."""
     curve, scaler = [], grad_scaler(backbone)
     for step in range(steps):
         z, prompts, weights = batches()
         with context():
             cond = backbone.encode_prompt(prompts, grad=grad_text)
-            curve.append(train_step(backbone, trainable, optimizer, z, cond, generator, weights, max_grad_norm, scaler))
+            curve.append(train_step(backbone, trainable, optimizer, z, cond, generator, weights, max_grad_norm, scaler,
+                                    snr_gamma))
         if after_step is not None:
             after_step()
         report(callback, {"stage": "train", "step": step + 1, "total": steps, "loss": curve[-1]})

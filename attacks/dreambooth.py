@@ -23,7 +23,7 @@ import torch
 
 from ldu.registry import check, param, report
 
-from .data import DreamBoothBatches, check_prior, train_loop
+from .data import DreamBoothBatches, check_loss_options, train_loop
 from .train import Attack, AttackOutput, AttackParams
 
 
@@ -47,6 +47,7 @@ class DreamBoothParams(AttackParams):
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
     weight_decay: float = param(1e-2, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping")
+    snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the nearly clean timesteps weigh less; None: the plain loss")
     gradient_checkpointing: bool = param(True, "recompute UNet activations (memory for time)")
     use_8bit_adam: bool = param(True, "bitsandbytes AdamW8bit when installed and on a GPU")
     flip: bool = param(False, "random horizontal flips")
@@ -56,7 +57,7 @@ class DreamBoothParams(AttackParams):
 
     def __post_init__(self):
         super().__post_init__()
-        check_prior(self)
+        check_loss_options(self)
         check(self.train_unet in UNET_WEIGHTS, f"train_unet must be one of {', '.join(UNET_WEIGHTS)}, got {self.train_unet!r}")
 
 
@@ -106,7 +107,7 @@ def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, call
     backbone.clear_prompt_cache()
     try:
         curve = train_loop(backbone, batches, trainable, opt, p.steps, g, callback, grad_text=p.train_text_encoder,
-                           max_grad_norm=p.max_grad_norm, context=autocast)
+                           max_grad_norm=p.max_grad_norm, snr_gamma=p.snr_gamma, context=autocast)
         if p.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.save_pretrained(workdir / "unet", safe_serialization=True)  # fp32: a bf16 save would undo small updates

@@ -20,7 +20,7 @@ from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, remove_
 from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
-from .data import DreamBoothBatches, check_prior, train_loop
+from .data import DreamBoothBatches, check_loss_options, train_loop
 from .train import Attack, AttackOutput, AttackParams
 
 ADAPTER = "ldu_attack"
@@ -44,6 +44,7 @@ class LoRAParams(AttackParams):
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
     weight_decay: float = param(1e-2, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping")
+    snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the nearly clean timesteps weigh less; None: the plain loss")
     flip: bool = param(False, "random horizontal flips")
     gradient_checkpointing: bool = param(False, "recompute UNet activations (memory for time)")
     seed: int = param(0, "seed of LoRA init, data order, noise and timesteps")
@@ -51,7 +52,7 @@ class LoRAParams(AttackParams):
     def __post_init__(self):
         super().__post_init__()
         check(self.rank >= 1, f"rank must be at least 1, got {self.rank}")
-        check_prior(self)
+        check_loss_options(self)
 
 
 def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callback=None) -> AttackOutput:
@@ -75,7 +76,7 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
             unet.enable_gradient_checkpointing()
         opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
         curve = train_loop(backbone, batches, trainable, opt, p.steps, g, callback, grad_text=p.train_text_encoder,
-                           max_grad_norm=p.max_grad_norm)
+                           max_grad_norm=p.max_grad_norm, snr_gamma=p.snr_gamma)
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
         meta = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
         text_layers = None

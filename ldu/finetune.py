@@ -71,16 +71,30 @@ def grad_scaler(backbone):
     return None
 
 
+def min_snr_weights(backbone, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights of timesteps t (diffusers.training_utils.compute_snr gives the SNR)."""
+    from diffusers.training_utils import compute_snr  # deferred: training_utils imports more than the attacks need
+
+    snr = compute_snr(backbone.scheduler, t.cpu())
+    capped = torch.clamp(snr, max=gamma)
+    return capped / (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
+
+
 def train_step(backbone, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, latents: torch.Tensor,
                cond: torch.Tensor, generator: torch.Generator, weights: torch.Tensor | None = None,
-               max_grad_norm: float | None = 1.0, scaler=None) -> float:
+               max_grad_norm: float | None = 1.0, scaler=None, snr_gamma: float | None = None) -> float:
     """One optimiser step on the diffusion loss of `latents` (scaled) under `cond`, with a fresh draw per sample.
 
     weights [B] (optional): the loss is sum(weights * per-sample loss) instead of the mean (prior preservation:
-    1/n for the n instance samples, prior_loss_weight/n for the n class samples). Returns the loss as a float.
+    1/n for the n instance samples, prior_loss_weight/n for the n class samples). snr_gamma (optional): Min-SNR
+    weighting (Hang et al. 2023, diffusers' `--snr_gamma`): each sample's loss times min(SNR_t, gamma) / SNR_t
+    (epsilon) or / (SNR_t + 1) (v), so the nearly clean timesteps, whose loss is largest, do not swamp the noisy
+    ones that set an image's layout. Returns the loss as a float.
     """
     draws = make_draws(1, latents.shape[0], tuple(latents.shape[1:]), backbone.num_train_timesteps, generator=generator)
     per_sample = diffusion_loss(backbone, latents, cond, draws, reduction="none")
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(backbone, draws.t[0], snr_gamma).to(per_sample)
     loss = per_sample.mean() if weights is None else (per_sample * weights.to(per_sample)).sum()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:

@@ -129,6 +129,8 @@ def test_post_attack_loss_falls_on_what_the_attack_learned(tiny, views, tmp_path
     ("textual_inversion", {"token": "person", "instance_prompt": "a photo of a person"}, "already in the vocabulary"),
     ("lora_dreambooth", {"stepz": 3}, "has no parameter stepz"),
     ("custom_diffusion", {"train_unet": "attn"}, "train_unet must be one of all, cross_kv"),
+    ("dreambooth", {"snr_gamma": 0}, "snr_gamma must be a positive number"),
+    ("lora_dreambooth", {"snr_gamma": float("inf")}, "snr_gamma must be a positive number"),
 ])
 def test_bad_input_fails_before_training_and_leaves_nothing(tiny, views, tmp_path, attack, params, phrase):
     with pytest.raises(ValueError, match=phrase):
@@ -306,3 +308,43 @@ def test_dreambooth_on_a_bf16_backbone_keeps_small_updates(views, tmp_path):
 def test_token_next_to_punctuation_is_accepted(tiny, views, tmp_path):
     a = train(tiny, views, "lora_dreambooth", {"steps": 1, "instance_prompt": "a photo of sks."}, out=tmp_path / "p")
     assert a.prompt == "a photo of sks."
+
+
+def test_min_snr_weights_each_sample_by_its_timestep(tiny, views, tmp_path, monkeypatch):
+    """snr_gamma: each sample's loss times min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), SNR = a / (1 - a):
+    the step's loss is the weighted mean of the very losses an unweighted step computes from the same draws."""
+    from types import SimpleNamespace
+
+    from ldu.finetune import min_snr_weights, train_step
+
+    a = tiny.alphas_cumprod.double()
+    t = torch.tensor([0, 200, 999])
+    snr = a[t] / (1 - a[t])
+    assert torch.allclose(min_snr_weights(tiny, t, 5.0).double(), snr.clamp(max=5) / snr, rtol=1e-5)
+    assert min_snr_weights(tiny, t, 5.0)[-1] == 1 and min_snr_weights(tiny, t, 5.0)[0] < 0.01
+    v = SimpleNamespace(scheduler=tiny.scheduler, prediction_type="v_prediction")
+    assert torch.allclose(min_snr_weights(v, t, 5.0).double(), snr.clamp(max=5) / (snr + 1), rtol=1e-5)
+    z = torch.randn(3, *tiny.latent_shape(), generator=torch.Generator().manual_seed(1))
+    cond = tiny.encode_prompt(PROMPT).expand(3, -1, -1)
+    w = torch.nn.Parameter(torch.zeros(1))  # a parameter outside the model: the UNet is left as it is
+    opt = torch.optim.SGD([w], lr=0.0)
+    plain, weighted = [], []
+    for gamma, out in ((None, plain), (1.0, weighted)):
+        g = torch.Generator().manual_seed(7)
+        loss = train_step(tiny, [w], opt, z + 0 * w, cond, g, snr_gamma=gamma)
+        out.append(loss)
+    g = torch.Generator().manual_seed(7)
+    draws = make_draws(1, 3, tuple(z.shape[1:]), tiny.num_train_timesteps, generator=g)
+    from ldu.losses import diffusion_loss
+
+    per = diffusion_loss(tiny, z, cond, draws, reduction="none")
+    assert abs(plain[0] - float(per.mean())) < 1e-6
+    assert abs(weighted[0] - float((per * min_snr_weights(tiny, draws.t[0], 1.0)).mean())) < 1e-6, (weighted, per)
+    import attacks.data
+
+    seen = []
+    real = attacks.data.train_step
+    monkeypatch.setattr(attacks.data, "train_step", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    for attack in ("dreambooth", "lora_dreambooth"):  # the option reaches every step of both attacks
+        train(tiny, views, attack, {"steps": 2, "snr_gamma": 2.5}, out=tmp_path / attack)
+    assert seen == [2.5] * 4, seen
