@@ -47,7 +47,8 @@ class DreamBoothParams(AttackParams):
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
     weight_decay: float = param(1e-2, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping")
-    snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the nearly clean timesteps weigh less; None: the plain loss")
+    snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the "
+                                    "nearly clean timesteps weigh less; None: the plain loss")
     gradient_checkpointing: bool = param(True, "recompute UNet activations (memory for time)")
     use_8bit_adam: bool = param(True, "bitsandbytes AdamW8bit when installed and on a GPU")
     flip: bool = param(False, "random horizontal flips")

@@ -44,7 +44,8 @@ class LoRAParams(AttackParams):
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
     weight_decay: float = param(1e-2, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping")
-    snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the nearly clean timesteps weigh less; None: the plain loss")
+    snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the "
+                                    "nearly clean timesteps weigh less; None: the plain loss")
     flip: bool = param(False, "random horizontal flips")
     gradient_checkpointing: bool = param(False, "recompute UNet activations (memory for time)")
     seed: int = param(0, "seed of LoRA init, data order, noise and timesteps")

@@ -312,10 +312,13 @@ def test_token_next_to_punctuation_is_accepted(tiny, views, tmp_path):
 
 def test_min_snr_weights_each_sample_by_its_timestep(tiny, views, tmp_path, monkeypatch):
     """snr_gamma: each sample's loss times min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), SNR = a / (1 - a):
-    the step's loss is the weighted mean of the very losses an unweighted step computes from the same draws."""
+    the step's loss is the weighted mean of the very losses an unweighted step computes from the same draws, and the
+    option reaches every step of the attacks that take it."""
     from types import SimpleNamespace
 
+    import attacks.data
     from ldu.finetune import min_snr_weights, train_step
+    from ldu.losses import diffusion_loss
 
     a = tiny.alphas_cumprod.double()
     t = torch.tensor([0, 200, 999])
@@ -324,27 +327,20 @@ def test_min_snr_weights_each_sample_by_its_timestep(tiny, views, tmp_path, monk
     assert min_snr_weights(tiny, t, 5.0)[-1] == 1 and min_snr_weights(tiny, t, 5.0)[0] < 0.01
     v = SimpleNamespace(scheduler=tiny.scheduler, prediction_type="v_prediction")
     assert torch.allclose(min_snr_weights(v, t, 5.0).double(), snr.clamp(max=5) / (snr + 1), rtol=1e-5)
+
     z = torch.randn(3, *tiny.latent_shape(), generator=torch.Generator().manual_seed(1))
     cond = tiny.encode_prompt(PROMPT).expand(3, -1, -1)
-    w = torch.nn.Parameter(torch.zeros(1))  # a parameter outside the model: the UNet is left as it is
+    w = torch.nn.Parameter(torch.zeros(1))  # a parameter outside the model (lr 0): the UNet is left as it is
     opt = torch.optim.SGD([w], lr=0.0)
-    plain, weighted = [], []
-    for gamma, out in ((None, plain), (1.0, weighted)):
-        g = torch.Generator().manual_seed(7)
-        loss = train_step(tiny, [w], opt, z + 0 * w, cond, g, snr_gamma=gamma)
-        out.append(loss)
-    g = torch.Generator().manual_seed(7)
-    draws = make_draws(1, 3, tuple(z.shape[1:]), tiny.num_train_timesteps, generator=g)
-    from ldu.losses import diffusion_loss
-
+    plain = train_step(tiny, [w], opt, z + 0 * w, cond, torch.Generator().manual_seed(7))
+    weighted = train_step(tiny, [w], opt, z + 0 * w, cond, torch.Generator().manual_seed(7), snr_gamma=1.0)
+    draws = make_draws(1, 3, tuple(z.shape[1:]), tiny.num_train_timesteps, generator=torch.Generator().manual_seed(7))
     per = diffusion_loss(tiny, z, cond, draws, reduction="none")
-    assert abs(plain[0] - float(per.mean())) < 1e-6
-    assert abs(weighted[0] - float((per * min_snr_weights(tiny, draws.t[0], 1.0)).mean())) < 1e-6, (weighted, per)
-    import attacks.data
+    assert abs(plain - float(per.mean())) < 1e-6
+    assert abs(weighted - float((per * min_snr_weights(tiny, draws.t[0], 1.0)).mean())) < 1e-6, (weighted, per)
 
-    seen = []
-    real = attacks.data.train_step
-    monkeypatch.setattr(attacks.data, "train_step", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
-    for attack in ("dreambooth", "lora_dreambooth"):  # the option reaches every step of both attacks
+    seen, real = [], attacks.data.train_step
+    monkeypatch.setattr(attacks.data, "train_step", lambda *args, **kw: seen.append(args[-1]) or real(*args, **kw))
+    for attack in ("dreambooth", "lora_dreambooth"):
         train(tiny, views, attack, {"steps": 2, "snr_gamma": 2.5}, out=tmp_path / attack)
     assert seen == [2.5] * 4, seen
