@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .check import check
-from .train import PRESETS, train
+from .train import PRESETS, scheduler, train
 
 
 def _widths(value: str) -> tuple:
@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     t.add_argument("--text-layers", type=_positive, default=None, help="text encoder layers (cpu preset 2, gpu 4)")
     t.add_argument("--unet-channels", type=_widths, default=None, metavar="C1,C2,C3",
                    help="the UNet's block widths, multiples of 16 (default 32,64,64)")
+    t.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the UNet predicts (default: epsilon)")
+    t.add_argument("--zero-terminal-snr", action="store_true", default=None,
+                   help="train and sample a noise schedule that ends at pure noise (needs --prediction v_prediction)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
@@ -84,9 +88,15 @@ def main(argv=None) -> int:
                                        ("decoder_steps", args.decoder_steps), ("dataset", args.dataset),
                                        ("init_from", args.init_from), ("init_keep", args.init_keep),
                                        ("text_hidden", args.text_hidden), ("text_layers", args.text_layers),
-                                       ("unet_channels", args.unet_channels))
+                                       ("unet_channels", args.unet_channels), ("prediction_type", args.prediction),
+                                       ("zero_terminal_snr", args.zero_terminal_snr))
                      if v is not None}
-        folder = train(args.out, replace(PRESETS[args.preset], **overrides), device=args.device)
+        cfg = replace(PRESETS[args.preset], **overrides)
+        try:
+            scheduler(cfg)
+        except ValueError as e:
+            ap.error(str(e))
+        folder = train(args.out, cfg, device=args.device)
         print(f"wrote {folder}")
         return 0
     if args.command == "limits":

@@ -40,7 +40,7 @@ from ..tiny import build_vocab, strip_absent_components
 from . import data
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 @dataclass
@@ -80,6 +80,10 @@ class Config:
     init_from: str | None = None  # a pocket folder (or "pocket"): keep its VAE, go on training its UNet and text encoder
     init_keep: str = "all"  # with init_from: "all" (its VAE, UNet and text encoder) or "vae" (its VAE alone; a fresh UNet
     #                         and text encoder of this config's sizes, e.g. a wider text encoder on the same latent space)
+    prediction_type: str = "epsilon"  # what the UNet learns to predict: "epsilon" or "v_prediction" (Salimans & Ho 2022)
+    zero_terminal_snr: bool = False  # rescale the betas so the last timestep is pure noise, sampled with "trailing"
+    #                                  timesteps (Lin et al. 2024, "Common diffusion noise schedules ... are flawed");
+    #                                  needs v_prediction (an epsilon model cannot read x0 at zero signal)
 
 
 PRESETS = {
@@ -91,6 +95,17 @@ PRESETS = {
                   unet_batch=1024, unet_lr=1.5e-3, decoder_steps=750, decoder_batch=256, decoder_pool=24000,
                   text_hidden=128, text_layers=4),
 }
+
+
+def scheduler(cfg: Config) -> DDIMScheduler:
+    """The noise schedule the UNet is trained on and the pipeline ships with."""
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        raise ValueError("zero_terminal_snr needs prediction_type 'v_prediction': at zero signal the noise is the "
+                         "whole input, so an epsilon model cannot tell what the image was")
+    return DDIMScheduler(**SCHEDULER, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr,
+                         timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading")
 
 
 # ---- models --------------------------------------------------------------------------------------------
@@ -272,7 +287,7 @@ def encode_dataset(vae, cfg: Config, out: Path, progress, device) -> dict:
 
 
 def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out: Path, ckpt: Checkpoints, progress, device) -> None:
-    alphas = DDIMScheduler(**SCHEDULER).alphas_cumprod.float().to(device)
+    alphas = scheduler(cfg).alphas_cumprod.float().to(device)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
@@ -310,7 +325,8 @@ def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=text(ids[used])[0][which]).sample, eps)
+        target = eps if cfg.prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * z0
+        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=text(ids[used])[0][which]).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -374,9 +390,11 @@ def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    scheduler(cfg)  # refuse a bad schedule before any work
     out.mkdir(parents=True, exist_ok=True)
     saved_cfg = out / "config.json"
-    if saved_cfg.exists() and json.loads(saved_cfg.read_text()) != json.loads(json.dumps(asdict(cfg))):
+    defaults = json.loads(json.dumps(asdict(Config())))  # a run saved before a field existed used its default
+    if saved_cfg.exists() and {**defaults, **json.loads(saved_cfg.read_text())} != json.loads(json.dumps(asdict(cfg))):
         raise ValueError(f"{out} holds a run with another configuration ({saved_cfg}); use another --out")
     saved_cfg.write_text(json.dumps(asdict(cfg), indent=2))
     ckpt = Checkpoints(out)
@@ -407,7 +425,7 @@ def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
     lap("decoder")
     vae, text, unet = vae.cpu(), text.cpu(), unet.cpu()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+                                   scheduler=scheduler(cfg), safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
     folder = out / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
