@@ -243,10 +243,13 @@ class Backbone:
 
     def target(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to output: eps, or v = sqrt(a) eps - sqrt(1-a) z0 (Salimans & Ho 2022)."""
-        if self.prediction_type == "epsilon":
-            return eps
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * eps - (1 - a).sqrt() * z0
+        return diffusion_target(self.prediction_type, z0, eps, self.alphas_cumprod[t].view(-1, 1, 1, 1))
+
+
+def diffusion_target(prediction_type: str, z0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The training target for clean latents z0 noised with eps at signal level a (alphas_cumprod, broadcastable):
+    eps, or v = sqrt(a) eps - sqrt(1-a) z0."""
+    return eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * z0
 
 
 class _Boundary(torch.autograd.Function):

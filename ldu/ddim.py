@@ -49,9 +49,17 @@ def _eps(out: torch.Tensor, z: torch.Tensor, a: torch.Tensor, prediction_type: s
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
 
 
-def _step(eps: torch.Tensor, z: torch.Tensor, a_here: torch.Tensor, a_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _x0(out: torch.Tensor, z: torch.Tensor, a: torch.Tensor, prediction_type: str) -> torch.Tensor | None:
+    """A v-prediction's clean latents, read directly (defined at zero signal, a = 0, where dividing by sqrt(a) is
+    not: a zero-terminal-SNR schedule's last timestep); None for epsilon, whose x0 `_step` derives."""
+    return a.sqrt() * z - (1 - a).sqrt() * out if prediction_type == "v_prediction" else None
+
+
+def _step(eps: torch.Tensor, z: torch.Tensor, a_here: torch.Tensor, a_new: torch.Tensor,
+          x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step (eq. 12, sigma = 0) from level a_here to a_new with a shared noise estimate; returns (z_new, x0)."""
-    x0 = (z - (1 - a_here).sqrt() * eps) / a_here.sqrt()
+    if x0 is None:
+        x0 = (z - (1 - a_here).sqrt() * eps) / a_here.sqrt()
     return a_new.sqrt() * x0 + (1 - a_new).sqrt() * eps, x0
 
 
@@ -84,8 +92,8 @@ def ddim_denoise(model: Model, z: torch.Tensor, timesteps: list[int], alphas_cum
     """z at timesteps[-1] -> clean latents, one deterministic DDIM step per grid interval (eq. 12, sigma = 0)."""
     for i in range(len(timesteps) - 1, 0, -1):
         a, a_next = _alpha(alphas_cumprod, timesteps[i]), _alpha(alphas_cumprod, timesteps[i - 1])
-        eps = _eps(_call(model, z, timesteps[i], checkpoint), z, a, prediction_type)
-        z, x0 = _step(eps, z, a, a_next)
+        out = _call(model, z, timesteps[i], checkpoint)
+        z, x0 = _step(_eps(out, z, a, prediction_type), z, a, a_next, _x0(out, z, a, prediction_type))
         if callback is not None:
             callback({"i": len(timesteps) - 1 - i, "t": timesteps[i], "z": z, "x0": x0})
     return z

@@ -38,6 +38,22 @@ def test_known_v_is_reproduced_exactly_when_denoising():
     assert torch.allclose(ddim_denoise(v, zt, ts, a, prediction_type="v_prediction"), z0, atol=1e-5)
 
 
+def test_v_denoises_from_zero_terminal_snr():
+    """On a schedule rescaled to zero terminal SNR (Lin et al. 2024), the last timestep has no signal at all: a
+    v-model still denoises from there (its x0 is read directly, not divided by sqrt(alpha) = 0)."""
+    from diffusers import DDIMScheduler
+
+    a = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      rescale_betas_zero_snr=True).alphas_cumprod
+    assert a[999] == 0
+    g = torch.Generator().manual_seed(2)
+    z0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ts = ddim_timesteps(1000, 1.0, 4)
+    assert ts[-1] == 999
+    v = lambda z, t: a[t].sqrt() * eps - (1 - a[t]).sqrt() * z0  # noqa: E731
+    assert torch.allclose(ddim_denoise(v, eps, ts, a, prediction_type="v_prediction"), z0, atol=1e-5)
+
+
 def gaussian_model(prediction_type, a, sigma=0.5):
     """The exact denoiser for data ~ N(0, sigma^2 I): a smooth model whose only error is discretisation."""
 

@@ -168,11 +168,41 @@ def test_init_from_keeps_the_vae_and_goes_on_training_the_unet(tmp_path):
         train(tmp_path / "f", replace(cfg, init_from=str(src), init_keep="unet"), progress=_quiet)
 
 
+@pytest.mark.slow
+def test_a_v_prediction_unet_on_a_zero_terminal_snr_schedule(tmp_path, monkeypatch):
+    """--prediction v_prediction --zero-terminal-snr: the UNet learns v, the pipeline ships the rescaled schedule
+    with trailing timesteps (so sampling starts at pure noise), and generating from it gives finite images."""
+    from dataclasses import replace
+
+    from attacks.generate import generate
+    from ldu import load_backbone
+    from ldu.pocket import train as pocket_train
+
+    targets = []
+    real = pocket_train.diffusion_target
+    monkeypatch.setattr(pocket_train, "diffusion_target", lambda kind, *a: targets.append(kind) or real(kind, *a))
+    cfg = pocket_train.Config(vae_steps=2, unet_steps=2, decoder_steps=0, dataset=64, vae_batch=4, unet_batch=4,
+                              prediction_type="v_prediction", zero_terminal_snr=True)
+    folder = pocket_train.train(tmp_path / "v", cfg, progress=_quiet)
+    assert targets == ["v_prediction", "v_prediction"]
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+    bb = load_backbone(str(folder), device="cpu", dtype=torch.float32)
+    assert bb.prediction_type == "v_prediction" and bb.alphas_cumprod[-1] == 0
+    images = generate(bb, None, ["a photo of a cat"], [0], steps=3)
+    assert torch.isfinite(images[0]).all()
+    with pytest.raises(ValueError, match="needs prediction_type 'v_prediction'"):
+        pocket_train.train(tmp_path / "e", replace(cfg, prediction_type="epsilon"), progress=_quiet)
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--unet-channels", "48,50,96"], "multiple of 16"), (["--unet-channels", "48,96"], "three widths"),
     (["--unet-channels", "a,b,c"], "three widths"), (["--text-hidden", "130"], "multiple of 4"),
     (["--text-layers", "0"], "at least 1"), (["--text-layers", "-2"], "at least 1"),
-    (["--init-keep", "vae"], "--init-keep needs --init-from")])
+    (["--init-keep", "vae"], "--init-keep needs --init-from"),
+    (["--zero-terminal-snr"], "needs prediction_type 'v_prediction'")])
 def test_train_cli_refuses_bad_sizes_by_name_before_any_work(args, message, tmp_path, capsys):
     from ldu.pocket.__main__ import main
 

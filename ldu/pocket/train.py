@@ -36,6 +36,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..backbone import diffusion_target
 from ..tiny import build_vocab, strip_absent_components
 from . import data
 
@@ -325,7 +326,7 @@ def train_unet(unet, text, tokenizer, scaling: float, ds: dict, cfg: Config, out
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
-        target = eps if cfg.prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * z0
+        target = diffusion_target(cfg.prediction_type, z0, eps, a)
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=text(ids[used])[0][which]).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
