@@ -103,9 +103,11 @@ def keep_alive(request: gr.Request) -> None:
     SESSIONS.touch(_key(request))
 
 
-def stop(request: gr.Request) -> str:
+def stop(request: gr.Request):
+    """The Stop buttons: the job stops at its next step. The button itself says so (the job's own output says when it
+    has stopped: written there too, a late "Stopping…" could land after "Stopped" and stay)."""
     SESSIONS.stop(_key(request))
-    return "Stopping…"
+    return gr.update(value="Stopping…", interactive=False)
 
 
 def backbone(spec: str):
@@ -474,13 +476,13 @@ def build() -> gr.Blocks:
             for trigger in (files.change, method.change, effort.change, model.change):
                 trigger(estimate, [files, model, method, effort, budget, seed, advanced], eta, concurrency_id="estimate",
                         concurrency_limit=1, show_progress="hidden", **PRIVATE)
-            show = lambda: gr.update(visible=True)  # noqa: E731
+            show = lambda: gr.update(visible=True, value="Stop", interactive=True)  # noqa: E731
             hide = lambda: gr.update(visible=False)  # noqa: E731
             go.click(show, None, stop_protect, queue=False, **PRIVATE).then(
                 run_protect, [files, model, method, effort, budget, seed, advanced, noun],
                 [summary, slider, diff, table, downloads, protected_state, unavailable], api_name="protect",
                 concurrency_id="gpu", concurrency_limit=1).then(hide, None, stop_protect, queue=False, **PRIVATE)
-            stop_protect.click(stop, None, summary, queue=False, api_name="stop")
+            stop_protect.click(stop, None, stop_protect, queue=False, api_name="stop")
             posting.click(run_survives_posting, [files, protected_state, model, noun], posting_out, api_name="survives_posting",
                           concurrency_id="gpu", concurrency_limit=1)
         with gr.Tab("Attack"):
@@ -516,7 +518,7 @@ def build() -> gr.Blocks:
                              steps, purification, attack_seed, n_gen, attack_seeds],
                 [verdict, references, gen_clean, gen_prot, result_table, curves, attack_note], api_name="attack",
                 concurrency_id="gpu", concurrency_limit=1).then(hide, None, stop_attack, queue=False, **PRIVATE)
-            stop_attack.click(stop, None, verdict, queue=False, api_visibility="undocumented")
+            stop_attack.click(stop, None, stop_attack, queue=False, api_visibility="undocumented")
             model.change(attack_choice, model, [attack, steps], **PRIVATE)
             attack.input(steps_choice, [model, attack], steps, **PRIVATE)
             for trigger in (attack.change, steps.change, n_gen.change, attack_seeds.change, model.change):
@@ -554,7 +556,7 @@ def build() -> gr.Blocks:
                 run_batch, [files, held_files, noun, model, b_methods, b_purif, b_attack, b_steps, b_set, b_seeds, b_match],
                 [b_status, b_table, b_plot1, b_plot2, b_files], api_name="batch", concurrency_id="gpu",
                 concurrency_limit=1).then(hide, None, stop_batch, queue=False, **PRIVATE)
-            stop_batch.click(stop, None, b_status, queue=False, api_visibility="undocumented")
+            stop_batch.click(stop, None, stop_batch, queue=False, api_visibility="undocumented")
         with gr.Tab("About"):
             gr.Markdown(about_text())
         keepalive = gr.Timer(60)  # an open tab is not an idle session

@@ -286,3 +286,18 @@ def test_the_method_controls_follow_the_method():
     assert effort["maximum"] == 200 and effort["value"] == 50
     effort, budget = app.method_controls("pid", "pocket")
     assert effort["maximum"] == 200 and "L∞" in budget["label"]
+
+
+def test_each_stop_button_writes_only_itself():
+    """A Stop's answer ("Stopping…") goes to its own button, never to the text its job writes: there it could land
+    after the job's "Stopped" and stay (seen once in the browser test, under load)."""
+    import app
+
+    demo = app.build()
+    stops = [f for f in demo.fns.values() if f.fn is app.stop]
+    assert len(stops) == 3  # Protect, Attack, Batch
+    for f in stops:
+        (button,) = f.outputs
+        assert [t[0] for t in f.targets] == [button._id] and isinstance(button, app.gr.Button)
+    job_outputs = {b._id for f in demo.fns.values() if f.name in ("run_protect", "run_attack", "run_batch") for b in f.outputs}
+    assert len(job_outputs) > 10 and not job_outputs & {f.outputs[0]._id for f in stops}
