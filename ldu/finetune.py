@@ -77,7 +77,10 @@ def min_snr_weights(backbone, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
     snr = compute_snr(backbone.scheduler, t.cpu())
     capped = torch.clamp(snr, max=gamma)
-    return capped / (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
+    if backbone.prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    # a zero-terminal-SNR schedule's last step has SNR 0: 0/0 there; weight it 1, as public SD training scripts do
+    return torch.where(snr > 0, capped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
 def train_step(backbone, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, latents: torch.Tensor,

@@ -327,6 +327,11 @@ def test_min_snr_weights_each_sample_by_its_timestep(tiny, views, tmp_path, monk
     assert min_snr_weights(tiny, t, 5.0)[-1] == 1 and min_snr_weights(tiny, t, 5.0)[0] < 0.01
     v = SimpleNamespace(scheduler=tiny.scheduler, prediction_type="v_prediction")
     assert torch.allclose(min_snr_weights(v, t, 5.0).double(), snr.clamp(max=5) / (snr + 1), rtol=1e-5)
+    from diffusers import DDIMScheduler  # a zero-terminal-SNR schedule: SNR 0 at t = 999, weight 1 there (not 0/0)
+    zero = SimpleNamespace(scheduler=DDIMScheduler(rescale_betas_zero_snr=True), prediction_type="epsilon")
+    assert min_snr_weights(zero, t, 5.0)[-1] == 1 and torch.isfinite(min_snr_weights(zero, t, 5.0)).all()
+    zero.prediction_type = "v_prediction"
+    assert min_snr_weights(zero, t, 5.0)[-1] == 0
 
     z = torch.randn(3, *tiny.latent_shape(), generator=torch.Generator().manual_seed(1))
     cond = tiny.encode_prompt(PROMPT).expand(3, -1, -1)
