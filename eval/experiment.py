@@ -17,7 +17,9 @@ Conventions for seed s (the published numbers come from these; they are eval/eff
 Measures of a side (all raw values are kept): the loss per draw set; for each instance-prompt generation its
 distance to the nearest held-out view (16 x 16 thumbnails: 8 x 8 cannot tell the subjects apart) and, when the
 references of several subjects are given, which subject it is nearest to (retrieval); the other prompts'
-generations' distance to the held-out views (does the subject leak into them?).
+generations' distance to the held-out views (does the subject leak into them?). The base side also keeps the
+distances of the training views and of their pixel mean (one blurred image) to the held-out views: the gap an attack
+can close, and how much of it a model that learned only the views' average colours would close.
 
 `prevented = (m_protected - m_clean) / (m_base - m_clean)`: 0 when the protection changed nothing, 1 when the
 attacker learned nothing, negative when it helped the attacker; "unavailable: the attack learned too little to
@@ -174,8 +176,12 @@ def reference(backbone, setup: Setup, callback=None) -> Side:
     prompt = instance_prompt(backbone, setup)
     m, gens = _measure(backbone, setup, None, prompt, callback)
     if setup.held_out is not None:
-        m["train_views_distance"] = float(torch.cdist(thumbnails(setup.train, THUMB), thumbnails(setup.held_out, THUMB))
-                                          .min(1).values.mean())
+        held = thumbnails(setup.held_out, THUMB)
+        m["train_views_distance"] = float(torch.cdist(thumbnails(setup.train, THUMB), held).min(1).values.mean())
+        # the training views' pixel mean, one blurred image: what learning only their average colours and layout
+        # scores (nearer the held-out views than the views themselves on pocket's subjects: a distance rewards blur)
+        mean_view = torch.stack(list(setup.train)).float().mean(0, keepdim=True)
+        m["views_mean_distance"] = float(torch.cdist(thumbnails(mean_view, THUMB), held).min(1).values.mean())
     return Side(m, gens, prompt)
 
 

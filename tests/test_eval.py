@@ -605,6 +605,7 @@ def test_gap_closed_carries_its_own_noise_over_generation_draws():
     assert np.sqrt(np.mean(np.square(noises))) == pytest.approx(np.std(gaps), rel=0.1)
     old, new = _report([], [("frog", 0, 0.5)]), _report([], [("frog", 0, 0.5)])
     new["personalization"][0]["gap_closed_noise"] = 0.1
+    new["personalization"][0]["gap_closed_views_mean"] = 1.2
     assert ef.merge([old, new])["personalization"][0]["gap_closed"] == 0.5
 
 
@@ -796,3 +797,24 @@ def test_eval_run_exit_status_says_whether_cells_failed(tmp_path, monkeypatch, c
     monkeypatch.setattr("eval.experiment.train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("always")))
     assert main(["run", str(path), "--out", str(tmp_path / "all"), "--quiet"]) == 1
     assert "always" in capsys.readouterr().err
+
+
+def test_the_training_views_pixel_mean_is_the_gap_a_blur_closes(tiny, monkeypatch):
+    """The base side keeps the distance of the training views' pixel mean (one blurred image) to the held-out views,
+    and each personalization row the gap that image would close: a black and a white view average to the grey of the
+    held-out view (distance 0: the whole gap and more), while each sharp view is 0.5 away in every thumbnail pixel."""
+    import eval.efficacy as ef
+    import eval.experiment as ex
+
+    monkeypatch.setattr(ex, "_measure", lambda bb, setup, adapter, prompt, callback=None: (
+        {"gen_distance": [20.0, 20.0], "gen_distance_mean": 20.0, "post_attack_loss": 0.1}, {prompt: [torch.zeros(3, 8, 8)] * 2}))
+    setup = ex.Setup(train=[torch.zeros(3, 64, 64), torch.ones(3, 64, 64)], held_out=[torch.full((3, 64, 64), 0.5)],
+                     noun="thing")
+    base = ex.reference(tiny, setup)
+    sharp = 0.5 * (3 * ex.THUMB**2) ** 0.5
+    assert base.measures["train_views_distance"] == pytest.approx(sharp, rel=1e-4)
+    assert base.measures["views_mean_distance"] == pytest.approx(0.0, abs=1e-4)
+    clean = ex.Side({"gen_distance": [15.0, 15.0], "gen_distance_mean": 15.0, "post_attack_loss": 0.1}, base.generations, base.prompt)
+    row = ef.personalization_row(base, clean)
+    assert row["gap_closed"] == pytest.approx(5 / (20 - sharp), rel=1e-4)
+    assert row["gap_closed_views_mean"] == pytest.approx(20 / (20 - sharp), rel=1e-4) and row["gap_closed_views_mean"] > 1
