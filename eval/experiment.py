@@ -242,6 +242,9 @@ def compare(b: dict, c: dict, p: dict) -> dict:
     if "train_views_distance" in b:
         closable = b["gen_distance_mean"] - b["train_views_distance"]
         out["gap_closed_clean"] = (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else None
+        if "views_mean_distance" in b:  # what the training views' pixel mean closes: the blur floor (see reference)
+            out["gap_closed_views_mean"] = ((b["gen_distance_mean"] - b["views_mean_distance"]) / closable
+                                            if closable > 0 else None)
     return out
 
 

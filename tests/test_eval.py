@@ -356,7 +356,8 @@ def test_prevented_share_against_a_hand_computation():
     # error 0.0027386, over the 0.10 learned
     assert r["prevented_loss_noise"] == pytest.approx(0.0027386 / 0.10, rel=1e-4)
     assert r["prevented_generation"] == pytest.approx((2.5 - 2.0) / (3.0 - 2.0))
-    assert r["gap_closed_clean"] == pytest.approx((3.0 - 2.0) / (3.0 - 1.0))
+    assert r["gap_closed_clean"] == pytest.approx((3.0 - 2.0) / (3.0 - 1.0)) and "gap_closed_views_mean" not in r
+    assert compare({**base, "views_mean_distance": 0.5}, clean, prot)["gap_closed_views_mean"] == pytest.approx(2.5 / 2.0)
     learned_nothing = compare(base, base, prot)
     assert learned_nothing["prevented_loss"] == TOO_LITTLE
     one = compare(side([0.3, 0.3], [3.0]), side([0.2, 0.21], [2.0]), side([0.25, 0.25], [2.5]))
