@@ -98,7 +98,8 @@ def all_held_out(backbone, seed: int, n_held: int = 8) -> dict:
 def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     b, c = base.measures, clean.measures
     closable = b["gen_distance_mean"] - b["train_views_distance"]
-    gap = (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else float("nan")
+    nan_if_none = lambda x: float("nan") if x is None else x  # noqa: E731
+    gap = nan_if_none(experiment.gap_closed(b, c["gen_distance_mean"]))
     # its own noise over generation draws (the delta method): gap = (B - C) / (B - T), B and C the means of the base's
     # and the attack's per-generation distances at the same seeds, so each seed's influence is ((1 - gap) b - c) / (B - T)
     # (the base's draws move the closable gap too) and the standard error is their spread over the square root of n;
@@ -127,8 +128,8 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "gap_closed": gap, "gap_closed_noise": gap_noise,
         # the same for the training views' pixel mean in place of the generations: a gap closed up to here can be
         # the average colours alone (a blur is nearer the held-out views than sharp views are)
-        "gap_closed_views_mean": ((b["gen_distance_mean"] - b["views_mean_distance"]) / closable
-                                  if closable > 0 and "views_mean_distance" in b else float("nan")),
+        "gap_closed_views_mean": nan_if_none(experiment.gap_closed(b, b["views_mean_distance"])
+                                             if "views_mean_distance" in b else None),
         "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
         "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],

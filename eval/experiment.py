@@ -177,12 +177,22 @@ def reference(backbone, setup: Setup, callback=None) -> Side:
     m, gens = _measure(backbone, setup, None, prompt, callback)
     if setup.held_out is not None:
         held = thumbnails(setup.held_out, THUMB)
-        m["train_views_distance"] = float(torch.cdist(thumbnails(setup.train, THUMB), held).min(1).values.mean())
+
+        def nearest(images):  # mean distance of images to their nearest held-out view
+            return float(torch.cdist(thumbnails(images, THUMB), held).min(1).values.mean())
+
+        m["train_views_distance"] = nearest(setup.train)
         # the training views' pixel mean, one blurred image: what learning only their average colours and layout
         # scores (nearer the held-out views than the views themselves on pocket's subjects: a distance rewards blur)
-        mean_view = torch.stack(list(setup.train)).float().mean(0, keepdim=True)
-        m["views_mean_distance"] = float(torch.cdist(thumbnails(mean_view, THUMB), held).min(1).values.mean())
+        m["views_mean_distance"] = nearest(torch.stack(list(setup.train)).float().mean(0, keepdim=True))
     return Side(m, gens, prompt)
+
+
+def gap_closed(b: dict, distance: float) -> float | None:
+    """The share of the base side's closable gap (its generations' distance to the held-out views, less the training
+    views') that a distance closes; None when there is no gap to close."""
+    closable = b["gen_distance_mean"] - b["train_views_distance"]
+    return (b["gen_distance_mean"] - distance) / closable if closable > 0 else None
 
 
 def attack_side(backbone, setup: Setup, images, out=None, purification: tuple[str, dict] | None = None,
@@ -240,11 +250,9 @@ def compare(b: dict, c: dict, p: dict) -> dict:
     if "prevented_gen_noise" in out:
         out["prevented_generation_noise"] = out.pop("prevented_gen_noise")
     if "train_views_distance" in b:
-        closable = b["gen_distance_mean"] - b["train_views_distance"]
-        out["gap_closed_clean"] = (b["gen_distance_mean"] - c["gen_distance_mean"]) / closable if closable > 0 else None
+        out["gap_closed_clean"] = gap_closed(b, c["gen_distance_mean"])
         if "views_mean_distance" in b:  # what the training views' pixel mean closes: the blur floor (see reference)
-            out["gap_closed_views_mean"] = ((b["gen_distance_mean"] - b["views_mean_distance"]) / closable
-                                            if closable > 0 else None)
+            out["gap_closed_views_mean"] = gap_closed(b, b["views_mean_distance"])
     return out
 
 
