@@ -71,15 +71,33 @@ class Shuffler:
         return torch.tensor(out)
 
 
+# diffusers.optimization's schedules that need nothing but a warmup and the step count
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
 def check_loss_options(p) -> None:
-    """The checks of the loss options shared by DreamBooth and LoRA-DreamBooth (DreamBoothBatches and train_loop read
-    them): at least one class image, no empty prompt between a class prompt's ';' (refused by name), and a positive
-    Min-SNR gamma."""
+    """The checks of the loss options shared by DreamBooth and LoRA-DreamBooth (DreamBoothBatches, train_loop and
+    lr_schedule read them): at least one class image, no empty prompt between a class prompt's ';' (refused by name),
+    a positive Min-SNR gamma, a known lr schedule and a warmup it can use."""
     check(p.num_class_images >= 1 or not p.prior_preservation, "num_class_images must be at least 1")
     check(p.snr_gamma is None or (math.isfinite(p.snr_gamma) and p.snr_gamma > 0),
           f"snr_gamma must be a positive number (5 is usual) or None, got {p.snr_gamma}")
     if p.prior_preservation:
         class_prompts(p.class_prompt, 1)
+    check(p.lr_scheduler in LR_SCHEDULES,
+          f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}, got {p.lr_scheduler!r}")
+    check(0 <= p.lr_warmup_steps <= p.steps,
+          f"lr_warmup_steps must be between 0 and steps ({p.steps}), got {p.lr_warmup_steps}")
+    check(p.lr_warmup_steps == 0 or p.lr_scheduler != "constant",
+          "lr_warmup_steps needs a schedule with a warmup (constant_with_warmup, linear, cosine, ...), not constant")
+
+
+def lr_schedule(optimizer, p):
+    """diffusers' get_scheduler over the attack's steps (the examples' --lr_scheduler and --lr_warmup_steps): the
+    function to call after each optimiser step (train_loop's after_step)."""
+    from diffusers.optimization import get_scheduler  # deferred: diffusers takes seconds to import
+
+    return get_scheduler(p.lr_scheduler, optimizer, num_warmup_steps=p.lr_warmup_steps, num_training_steps=p.steps).step
 
 
 class DreamBoothBatches:

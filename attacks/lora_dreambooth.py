@@ -20,7 +20,7 @@ from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, remove_
 from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
-from .data import DreamBoothBatches, check_loss_options, train_loop
+from .data import DreamBoothBatches, check_loss_options, lr_schedule, train_loop
 from .train import Attack, AttackOutput, AttackParams
 
 ADAPTER = "ldu_attack"
@@ -44,6 +44,9 @@ class LoRAParams(AttackParams):
     class_dir: str | None = param(None, "cache folder for class images (shared by paired runs)")
     weight_decay: float = param(1e-2, "AdamW weight decay")
     max_grad_norm: float = param(1.0, "gradient clipping")
+    lr_scheduler: str = param("constant", "learning-rate schedule (diffusers' --lr_scheduler): constant, "
+                              "constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial")
+    lr_warmup_steps: int = param(0, "steps of linear warmup (diffusers' --lr_warmup_steps)")
     snr_gamma: float | None = param(None, "Min-SNR-gamma loss weighting (diffusers' --snr_gamma, usually 5): the "
                                     "nearly clean timesteps weigh less; None: the plain loss")
     flip: bool = param(False, "random horizontal flips")
@@ -77,7 +80,7 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
             unet.enable_gradient_checkpointing()
         opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
         curve = train_loop(backbone, batches, trainable, opt, p.steps, g, callback, grad_text=p.train_text_encoder,
-                           max_grad_norm=p.max_grad_norm, snr_gamma=p.snr_gamma)
+                           max_grad_norm=p.max_grad_norm, snr_gamma=p.snr_gamma, after_step=lr_schedule(opt, p))
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
         meta = {"unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
         text_layers = None

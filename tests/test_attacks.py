@@ -131,6 +131,9 @@ def test_post_attack_loss_falls_on_what_the_attack_learned(tiny, views, tmp_path
     ("custom_diffusion", {"train_unet": "attn"}, "train_unet must be one of all, cross_kv"),
     ("dreambooth", {"snr_gamma": 0}, "snr_gamma must be a positive number"),
     ("lora_dreambooth", {"snr_gamma": float("inf")}, "snr_gamma must be a positive number"),
+    ("dreambooth", {"lr_scheduler": "cosine_annealing"}, "lr_scheduler must be one of constant, "),
+    ("lora_dreambooth", {"lr_warmup_steps": 2}, "needs a schedule with a warmup"),
+    ("dreambooth", {"steps": 3, "lr_scheduler": "linear", "lr_warmup_steps": 4}, "lr_warmup_steps must be between 0"),
 ])
 def test_bad_input_fails_before_training_and_leaves_nothing(tiny, views, tmp_path, attack, params, phrase):
     with pytest.raises(ValueError, match=phrase):
@@ -349,3 +352,23 @@ def test_min_snr_weights_each_sample_by_its_timestep(tiny, views, tmp_path, monk
     for attack in ("dreambooth", "lora_dreambooth"):
         train(tiny, views, attack, {"steps": 2, "snr_gamma": 2.5}, out=tmp_path / attack)
     assert seen == [2.5] * 4, seen
+
+
+def test_lr_schedule_sets_each_steps_learning_rate(tiny, views, tmp_path, monkeypatch):
+    """lr_scheduler / lr_warmup_steps: each optimiser step runs at diffusers' scheduled rate (linear with 2 warmup
+    steps over 4: 0, 1/2, 1, 1/2 of lr); the default keeps lr constant."""
+    seen, real = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for attack in ("dreambooth", "lora_dreambooth"):
+        seen.clear()
+        train(tiny, views, attack, {"steps": 4, "lr": 1e-3, "lr_scheduler": "linear", "lr_warmup_steps": 2},
+              out=tmp_path / attack)
+        assert seen == pytest.approx([0.0, 5e-4, 1e-3, 5e-4]), (attack, seen)
+    seen.clear()
+    train(tiny, views, "dreambooth", {"steps": 3, "lr": 1e-3}, out=tmp_path / "constant")
+    assert seen == pytest.approx([1e-3] * 3), seen
