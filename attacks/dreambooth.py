@@ -4,9 +4,10 @@ only the cross-attention key and value projections, Custom Diffusion's choice (a
 
 A copy of the UNet is trained in fp32 (mixed precision under autocast on a GPU), so the shared backbone is
 untouched (on a bf16/fp16 backbone the copy is loaded in fp32 from the checkpoint, not upcast from rounded
-weights); gradient checkpointing is on by default and 8-bit AdamW is used when bitsandbytes and a GPU are
-present (`use_8bit_adam`). Big-GPU only at SD size (about 16 GiB at 512²). Saved as `unet/` (and
-`text_encoder/`) in diffusers layout, in fp32 (a bf16 save would round small updates away).
+weights); gradient checkpointing is on by default (off on the CPU backbones, tiny and pocket, whose small UNets
+need no memory saved) and 8-bit AdamW is used when bitsandbytes and a GPU are present (`use_8bit_adam`). Big-GPU
+only at SD size (about 16 GiB at 512²). Saved as `unet/` (and `text_encoder/`) in diffusers layout, in fp32 (a
+bf16 save would round small updates away).
 
 Defaults follow the example's README run: lr 5e-6, batch 1, 400 steps, constant lr (`lr_scheduler`, as the example's
 --lr_scheduler), AdamW weight decay 1e-2, gradient clipping 1.0.
@@ -137,7 +138,7 @@ ATTACK = Attack(
     kind="dreambooth",
     summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
     # pocket: lr 5e-4 learns the subject in 400 steps (1e-4: gap closed 0.20; 1e-3: 0.42 and other prompts drift more).
-    # The CPU backbones need no activation memory saved: checkpointing off gives the same losses 1.6x faster on pocket.
+    # The CPU backbones need no activation memory saved: checkpointing off gives the same losses 1.5x faster on pocket.
     defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4, gradient_checkpointing=False),
               "pocket": dict(lr=5e-4, gradient_checkpointing=False)},
     cost=cost,
