@@ -46,7 +46,8 @@ def main() -> None:
 
         reset_peak(args.device)
         t0 = time.perf_counter()
-        params = {**parse_sets(args.set, get_attack(name).params), "steps": args.steps}
+        attack = get_attack(name)
+        params = attack.make_params(bb.kind, **{**parse_sets(args.set, attack.params), "steps": args.steps})
         train(bb, views, name, params, out=tempfile.mkdtemp(prefix="bench-"), callback=callback)
         total = time.perf_counter() - t0
         steady = stamps[args.warmup:]
@@ -54,6 +55,7 @@ def main() -> None:
         rows.append({
             "attack": name,
             "steps": args.steps,
+            "batch": params.batch_size,
             "s/step": f"{per_step:.4f}",
             "400 steps (s)": f"{400 * per_step:.1f}",
             "warm-up s": f"{stamps[args.warmup] - t0 - args.warmup * per_step:.1f}" if len(stamps) > args.warmup else "-",
@@ -61,8 +63,8 @@ def main() -> None:
             "peak GiB": peak_gib(args.device),
         })
     print(f"backbone {bb.spec} ({bb.resolution}px, {str(bb.dtype).replace('torch.', '')}, {args.device}), "
-          f"{args.images} views, batch 1" + (f", {' '.join(args.set)}" if args.set else ""))
-    print_table(rows, ["attack", "steps", "s/step", "400 steps (s)", "warm-up s", "total s", "peak GiB"])
+          f"{args.images} views" + (f", {' '.join(args.set)}" if args.set else ""))
+    print_table(rows, ["attack", "steps", "batch", "s/step", "400 steps (s)", "warm-up s", "total s", "peak GiB"])
 
 
 if __name__ == "__main__":
