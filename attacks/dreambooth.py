@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ldu.finetune import adamw
 from ldu.registry import check, param, report
 
 from .data import DreamBoothBatches, check_loss_options, lr_schedule, train_loop
@@ -71,7 +72,7 @@ def _optimizer(params, p: DreamBoothParams, device: torch.device):
         import bitsandbytes as bnb  # optional: present only on some GPU machines
 
         return bnb.optim.AdamW8bit(params, lr=p.lr, weight_decay=p.weight_decay)
-    return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    return adamw(params, lr=p.lr, weight_decay=p.weight_decay)
 
 
 def _fp32_copy(backbone, name: str) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora, remove_lora
+from ldu.finetune import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, adamw, add_lora, remove_lora
 from ldu.registry import check, param, report
 
 from .adapter import LORA_FILE
@@ -78,7 +78,7 @@ def lora_dreambooth(backbone, views: torch.Tensor, p: LoRAParams, workdir, callb
             trainable = trainable + text_params
         if p.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
+        opt = adamw(groups, weight_decay=p.weight_decay)
         curve = train_loop(backbone, batches, trainable, opt, p.steps, g, callback, grad_text=p.train_text_encoder,
                            max_grad_norm=p.max_grad_norm, snr_gamma=p.snr_gamma, after_step=lr_schedule(opt, p))
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from ldu.finetune import forked_rng
+from ldu.finetune import adamw, forked_rng
 from ldu.registry import check, param, report
 
 from .adapter import TI_FILE
@@ -84,7 +84,7 @@ def textual_inversion(backbone, views: torch.Tensor, p: TIParams, workdir, callb
     g = torch.Generator().manual_seed(p.seed)
     inst = Posteriors.of(backbone, views, flip=p.flip)
     order = Shuffler(inst.n, g)
-    opt = torch.optim.AdamW([emb], lr=p.lr, weight_decay=p.weight_decay)
+    opt = adamw([emb], lr=p.lr, weight_decay=p.weight_decay)
     templates = [t.format(p.token) for t in TEMPLATES] if p.templates else [p.instance_prompt]
     saved = backbone.tokenizer, backbone.text_encoder
     backbone.tokenizer, backbone.text_encoder = tokenizer, text

@@ -16,6 +16,19 @@ UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel per step where torch has one for the parameters' device (CPU, CUDA).
+
+    The same update as the default per-tensor loop up to float rounding; the loop is what costs on a CPU: fused, a
+    full DreamBooth step of pocket's UNet (324 tensors) is 1.2-1.3x faster (bench/attack.py). `params` as
+    torch.optim takes them: tensors, or groups of them.
+    """
+    params = list(params)
+    tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
+    return torch.optim.AdamW(params, fused=True if fused else None, **kwargs)
+
+
 def forked_rng(device: torch.device):
     """A block whose draws from the global RNGs (CPU, and this CUDA device) are undone on exit."""
     device = torch.device(device)

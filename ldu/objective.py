@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .finetune import UNET_LORA_TARGETS, add_lora, learn_token, remove_lora, train_step
+from .finetune import UNET_LORA_TARGETS, adamw, add_lora, learn_token, remove_lora, train_step
 from .losses import Draws, attacker_loss, make_draws, posterior_distance
 
 SURROGATES = ("base", "lora", "ti")
@@ -151,7 +151,7 @@ class Objective:
         """The LoRA surrogate learns the current protected images for a few steps (ASPL's surrogate learning)."""
         if self.lora is None or self.o.surrogate_steps == 0:
             return
-        opt = torch.optim.AdamW(self.lora, lr=self.o.surrogate_lr, weight_decay=1e-2)
+        opt = adamw(self.lora, lr=self.o.surrogate_lr, weight_decay=1e-2)
         with torch.no_grad():
             mean, logvar = self.bb.posterior(x_p.detach())
         self.bb.unet.enable_adapters()

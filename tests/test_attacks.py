@@ -372,3 +372,32 @@ def test_lr_schedule_sets_each_steps_learning_rate(tiny, views, tmp_path, monkey
     seen.clear()
     train(tiny, views, "dreambooth", {"steps": 3, "lr": 1e-3}, out=tmp_path / "constant")
     assert seen == pytest.approx([1e-3] * 3), seen
+
+
+def test_attacks_step_a_fused_adamw_that_takes_the_loops_steps(tiny, views, tmp_path, monkeypatch):
+    """ldu.finetune.adamw: the attacks' optimiser is torch's fused AdamW on a CPU (the per-tensor loop was a third of
+    a pocket DreamBooth step), and its updates are the loop's, groups and weight decay included, up to rounding."""
+    from ldu.finetune import adamw
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 4, 1)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = nets[0][0].weight.detach().clone()
+    groups = [[{"params": list(n[0].parameters()), "lr": 1e-2}, {"params": list(n[1:].parameters()), "lr": 3e-3}] for n in nets]
+    opts = [torch.optim.AdamW(groups[0], weight_decay=1e-2, foreach=False), adamw(groups[1], weight_decay=1e-2)]
+    assert not opts[0].defaults["fused"] and opts[1].defaults["fused"]
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    assert (nets[1][0].weight - start).abs().max() > 1e-2  # they moved: the comparison is not of untouched weights
+
+    fused, real = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: fused.append(self.defaults["fused"]) or real(self, *a, **kw))
+    for attack in ("dreambooth", "lora_dreambooth", "textual_inversion"):
+        train(tiny, views, attack, {"steps": 1}, out=tmp_path / attack)
+    assert fused == [True] * 3, fused

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..finetune import UNET_LORA_TARGETS, add_lora, remove_lora, train_step
+from ..finetune import UNET_LORA_TARGETS, adamw, add_lora, remove_lora, train_step
 from ..losses import attacker_loss
 from . import Method, MethodParams, check, check_budget, finite, param
 from .pgd import fresh_draws, pgd
@@ -55,7 +55,7 @@ def aspl(backbone, x: torch.Tensor, p: ASPLParams, draws, callback=None):
     lora = add_lora(backbone.unet, p.rank, p.rank, UNET_LORA_TARGETS, ADAPTER, p.seed)
 
     def finetune(images):
-        opt = torch.optim.AdamW(lora, lr=p.lr, weight_decay=1e-2)  # a fresh optimiser per phase, as the paper's code
+        opt = adamw(lora, lr=p.lr, weight_decay=1e-2)  # a fresh optimiser per phase, as the paper's code
         with torch.no_grad():
             mean, logvar = backbone.posterior(images)
         for _ in range(p.surrogate_steps):
