@@ -138,9 +138,10 @@ ATTACK = Attack(
     fn=dreambooth,
     kind="dreambooth",
     summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
-    # pocket: lr 5e-4 learns the subject in 400 steps (1e-4: gap closed 0.20; 1e-3: 0.42 and other prompts drift more).
-    # The CPU backbones need no activation memory saved: checkpointing off gives the same losses 1.5x faster on pocket.
+    # pocket: at lr 5e-4, 400 steps learn a subject's colours and placement (teal blobs for the robot); 900 draw the
+    # robot, the coffee cup and the cat's fur and eyes; a larger or decaying lr, or more images a step, do not
+    # (docs/RESULTS.md). The CPU backbones need no activation memory saved: checkpointing off is 1.5x faster on pocket.
     defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4, gradient_checkpointing=False),
-              "pocket": dict(lr=5e-4, gradient_checkpointing=False)},
+              "pocket": dict(steps=900, lr=5e-4, gradient_checkpointing=False)},
     cost=cost,
 )

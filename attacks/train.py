@@ -61,8 +61,8 @@ class AttackParams:
 
 
 # The attack the app, the CLIs and the grid run when none is named, per backbone kind. On pocket a LoRA of the UNet
-# (rank 4-16, lr 3e-4 to 5e-3, with or without the text encoder) closes at most 14 % of the gap to the robot's
-# held-out views in 400 steps; full DreamBooth at lr 5e-4 closes about half in about 55 s (docs/RESULTS.md).
+# (rank 4-32, lr 3e-4 to 5e-3, with or without the text encoder) learns little of a subject; full DreamBooth at lr
+# 5e-4 for 900 steps draws three of the five built-in subjects in about a minute (docs/RESULTS.md).
 DEFAULT_ATTACK = {"pocket": "dreambooth"}
 
 
