@@ -1,6 +1,6 @@
 """The app's whole loop, timed, through the module the app calls (eval.playground, no gradio): protect 4 photos of a
-built-in subject, attack the clean and the protected photos with the same seed, 8 generations each (and the base
-model's), and the verdict.
+built-in subject, attack the clean and the protected photos with the same seed (the app's default attack for the
+backbone, as the Attack tab starts with), 8 generations each (and the base model's), and the verdict.
 
     python bench/loop.py --model pocket                       # this machine
     python bench/loop.py --model /tmp/sd15-random --steps 400  # SD 1.5 architecture on a GPU (bench/gpu.sh)
@@ -18,6 +18,7 @@ from PIL import Image
 
 from common import print_table, sync  # noqa: E402  (common.py puts the repo on the path)
 
+from attacks import default_attack  # noqa: E402
 from eval import playground as pg  # noqa: E402
 from ldu import load_backbone  # noqa: E402
 from ldu.subjects import subject_views  # noqa: E402
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--method", default="ldu")
     ap.add_argument("--iterations", type=int, default=None, help="the method's effort (default: its default)")
+    ap.add_argument("--attack", default=None, help="default: the app's, attacks.default_attack(backbone kind)")
     ap.add_argument("--steps", type=int, default=None, help="attack steps (default: the attack's default)")
     ap.add_argument("--n-gen", type=int, default=8)
     ap.add_argument("--subject", default="robot")
@@ -50,12 +52,13 @@ def main() -> None:
     result = pg.run_job(pg.protect_photos, paths["train"], bb, args.method, params, folder / "protected")
     sync(args.device)
     rows.append({"stage": f"protect 4 photos ({args.method})", "seconds": f"{time.perf_counter() - t0:.1f}", "status": result.status})
-    setup = pg.attack_setup(bb, paths["train"], paths["held_out"], "robot", "lora_dreambooth",
-                            args.steps or pg.get_attack("lora_dreambooth").make_params(bb.kind).steps, 0, args.n_gen)
+    name = args.attack or default_attack(bb.kind)
+    steps = args.steps or pg.get_attack(name).make_params(bb.kind).steps
+    setup = pg.attack_setup(bb, paths["train"], paths["held_out"], "robot", name, steps, 0, args.n_gen)
     t0 = time.perf_counter()
     attack = pg.run_job(pg.attack_both, bb, setup, result.outputs["protected"])
     sync(args.device)
-    rows.append({"stage": f"attack both + {3 * args.n_gen} generations + measures", "seconds": f"{time.perf_counter() - t0:.1f}",
+    rows.append({"stage": f"attack both ({name}, {steps} steps) + {3 * args.n_gen} generations + measures", "seconds": f"{time.perf_counter() - t0:.1f}",
                  "status": attack.status})
     total = sum(float(r["seconds"]) for r in rows)
     rows.append({"stage": "the whole loop", "seconds": f"{total:.1f}", "status": attack.message.splitlines()[0][:70]})
