@@ -297,7 +297,7 @@ def survives_posting(paths, protected_paths, backbone, prompt: str, callback=Non
     kept = "–" if r["kept"] != r["kept"] else f"{100 * r['kept']:.0f} %"
     return (f"After a 0.75× resize and JPEG at quality 85 (what a social network does), the protection keeps {kept} of "
             f"its effect on the attacker's starting loss ({fmt(r['gain'])} → {fmt(r['gain_after_posting'])}). This is a "
-            "quick proxy, not what an attack learns: on pocket, LDU's effect on what an attack learns did not survive "
+            "quick proxy, not what an attack learns: on pocket v2, LDU's effect on what an attack learns did not survive "
             "posting at JPEG 75 (docs/RESULTS.md; measured with `python -m eval.efficacy --purify posting`)."), r
 
 

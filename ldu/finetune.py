@@ -20,8 +20,8 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     """torch's AdamW, fused into one kernel per step where torch has one for the parameters' device (CPU, CUDA).
 
     The same update as the default per-tensor loop up to float rounding; the loop is what costs on a CPU: fused, a
-    full DreamBooth step of pocket's UNet (324 tensors) is 1.2-1.3x faster (bench/attack.py). `params` as
-    torch.optim takes them: tensors, or groups of them.
+    full DreamBooth step of pocket's UNet (324 tensors) is 1.1-1.3x faster (docs/RESULTS.md, "Fused AdamW").
+    `params` as torch.optim takes them: tensors, or groups of them.
     """
     params = list(params)
     tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
