@@ -140,7 +140,8 @@ ATTACK = Attack(
     summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
     # pocket: at lr 5e-4, 400 steps learn a subject's colours and placement (teal blobs for the robot); 900 draw the
     # kite, the cat's fur and eyes and the coffee cup (the robot as a teal figure) in about a minute; a larger or
-    # decaying lr, or more images a step, do not (docs/RESULTS.md). The CPU backbones need no activation memory saved: checkpointing off is 1.5x faster on pocket.
+    # decaying lr, or more images a step, do not (docs/RESULTS.md). The CPU backbones need no activation memory
+    # saved: checkpointing off is 1.5x faster on pocket.
     defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4, gradient_checkpointing=False),
               "pocket": dict(steps=900, lr=5e-4, gradient_checkpointing=False)},
     cost=cost,

@@ -60,8 +60,8 @@ class AttackParams:
               "learn nothing to call up")
 
 
-# The attack the app, the CLIs and the grid run when none is named, per backbone kind. On pocket a LoRA of the UNet
-# (rank 4-32, lr 3e-4 to 5e-3, with or without the text encoder) learns little of a subject; full DreamBooth at lr
+# The attack the app, the CLIs and the grid run when none is named, per backbone kind. On pocket v2 a LoRA of the UNet
+# (rank 4-32, lr 3e-4 to 5e-3, with or without the text encoder) learned little of a subject; full DreamBooth at lr
 # 5e-4 for 900 steps draws three of the five built-in subjects in about a minute (docs/RESULTS.md).
 DEFAULT_ATTACK = {"pocket": "dreambooth"}
 

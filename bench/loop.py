@@ -58,8 +58,8 @@ def main() -> None:
     t0 = time.perf_counter()
     attack = pg.run_job(pg.attack_both, bb, setup, result.outputs["protected"])
     sync(args.device)
-    rows.append({"stage": f"attack both ({name}, {steps} steps) + {3 * args.n_gen} generations + measures", "seconds": f"{time.perf_counter() - t0:.1f}",
-                 "status": attack.status})
+    rows.append({"stage": f"attack both ({name}, {steps} steps) + {3 * args.n_gen} generations + measures",
+                 "seconds": f"{time.perf_counter() - t0:.1f}", "status": attack.status})
     total = sum(float(r["seconds"]) for r in rows)
     rows.append({"stage": "the whole loop", "seconds": f"{total:.1f}", "status": attack.message.splitlines()[0][:70]})
     print(f"backbone {bb.spec} ({bb.resolution}px, {str(bb.dtype).replace('torch.', '')}, {args.device})")
