@@ -19,6 +19,9 @@
 - `--budgets-from run.json`: take the matched budgets of an earlier run (same backbone and target; for each method
   label with the same parameters) instead of searching again: the same budgets (and, with the same code, the same
   protected images).
+- `--out run.json`: the numbers, and beside them each subject's first-seed pictures: `run/SUBJECT.png` (rows:
+  training views, held-out views, base generations, attacked generations) and `run/SUBJECT-METHOD.png` for each
+  protection (rows: the protected views, held-out views, the clean attack's and the protected attack's generations).
 - `--merge a.json,b.json`: one report from runs made apart (other seeds, other methods; no new work). Their rows are
   paired only if they were paired against the same clean attacks, so the runs must agree on the backbone, attack and
   matching and method settings, and wherever they overlap (a subject x seed's clean attack, a method's matched
@@ -140,10 +143,9 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     }
 
 
-def picture(setup: experiment.Setup, base: experiment.Side, clean: experiment.Side, n: int = 8) -> torch.Tensor:
-    """Rows: training views, held-out views, base generations, attacked generations (the first n of each)."""
-    rows = [setup.train, setup.held_out, base.generations[base.prompt], clean.generations[clean.prompt]]
-    size = tuple(setup.held_out[0].shape[-2:])  # training views larger than the model's (--view-size) shown at its size
+def picture(rows: list, size: tuple, n: int = 8) -> torch.Tensor:
+    """Rows of images (the first n of each) in one picture, each image at `size` (training views larger than the
+    model's, --view-size, shown at its size), short rows padded with white."""
     width = max(len(r[:n]) for r in rows)
     out = []
     for r in rows:
@@ -193,7 +195,9 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                 f"(base {row['retrieval_base']:.2f}), {time.perf_counter() - t0:.0f} s")
             if pictures is not None and seed == seeds[0]:
                 pictures.mkdir(parents=True, exist_ok=True)
-                to_pil(picture(setup, base, clean)).save(pictures / f"{name}.png")
+                # rows: training views, held-out views, base generations, attacked generations
+                to_pil(picture([setup.train, setup.held_out, base.generations[base.prompt], clean.generations[clean.prompt]],
+                               tuple(setup.held_out[0].shape[-2:]))).save(pictures / f"{name}.png")
             for label in methods:
                 if label == "none":
                     continue
@@ -226,6 +230,11 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                     seconds = time.perf_counter() - t1
                     prot = experiment.attack_side(backbone, setup, result.images, purification=purification)
                     r = experiment.compare(base.measures, clean.measures, prot.measures)
+                    if pictures is not None and seed == seeds[0]:
+                        # rows: protected views, held-out views, generations after the clean and the protected attack
+                        to_pil(picture([list(result.images), setup.held_out, clean.generations[clean.prompt],
+                                        prot.generations[prot.prompt]], tuple(setup.held_out[0].shape[-2:]))
+                               ).save(pictures / f"{name}-{label}{'' if budget is None else f'@{budget * 255:.1f}'}.png")
                     stats = result.stats["images"]
                     row = {"subject": name, "seed": seed, "method": label, "budget_field": field, "budget": params.get(field),
                            "psnr": statistics.fmean(s["psnr"] for s in stats), "rms_255": statistics.fmean(s["rms_255"] for s in stats),

@@ -192,13 +192,23 @@ def test_the_shipped_configs_are_valid():
     assert {"ldu", "noise"} <= {m.name for m in comparison.methods}
 
 
-def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny):
-    """eval.efficacy on tiny (numbers meaningless there): rows per subject x seed, summaries with spreads."""
+def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny, tmp_path):
+    """eval.efficacy on tiny (numbers meaningless there): rows per subject x seed, summaries with spreads, and the
+    first seed's pictures: the clean attack's and each protected attack's."""
+    from PIL import Image
+
     from eval.efficacy import run, summarize
 
     saved = []
     report = run(tiny, ["robot"], [0, 1], ["pid"], "lora_dreambooth", {"steps": 2}, method_params={"pid": {"iterations": 1}},
-                 n_gen=2, log=lambda *a: None, save=saved.append)
+                 n_gen=2, log=lambda *a: None, save=saved.append, pictures=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["robot-pid.png", "robot.png"]
+    s = tiny.resolution
+    clean, prot = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("robot.png", "robot-pid.png"))
+    assert clean.shape == prot.shape == (4 * s, 8 * s, 3)  # 4 rows, as wide as the 8 held-out views
+    assert np.array_equal(clean[s:2 * s], prot[s:2 * s])  # the same held-out views
+    assert np.array_equal(clean[3 * s:, :2 * s], prot[2 * s:3 * s, :2 * s])  # row 3: the clean attack's generations
+    assert 0 < np.abs(clean[:s, :4 * s] - prot[:s, :4 * s]).max() <= 9  # row 1: the protected views, within 8/255
     assert [(r["subject"], r["seed"]) for r in report["personalization"]] == [("robot", 0), ("robot", 1)]
     # saved after every row: a run stopped midway keeps what it measured
     assert [(len(s["personalization"]), len(s["protection"])) for s in saved] == [(1, 0), (1, 1), (2, 1), (2, 2)]
