@@ -143,9 +143,10 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
     }
 
 
-def picture(rows: list, size: tuple, n: int = 8) -> torch.Tensor:
-    """Rows of images (the first n of each) in one picture, each image at `size` (training views larger than the
-    model's, --view-size, shown at its size), short rows padded with white."""
+def picture(setup: experiment.Setup, rows: list, n: int = 8) -> torch.Tensor:
+    """Rows of images (the first n of each) in one picture, each at the held-out views' size (training views larger
+    than the model's, --view-size, shown at its size), short rows padded with white."""
+    size = tuple(setup.held_out[0].shape[-2:])
     width = max(len(r[:n]) for r in rows)
     out = []
     for r in rows:
@@ -196,8 +197,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
             if pictures is not None and seed == seeds[0]:
                 pictures.mkdir(parents=True, exist_ok=True)
                 # rows: training views, held-out views, base generations, attacked generations
-                to_pil(picture([setup.train, setup.held_out, base.generations[base.prompt], clean.generations[clean.prompt]],
-                               tuple(setup.held_out[0].shape[-2:]))).save(pictures / f"{name}.png")
+                to_pil(picture(setup, [setup.train, setup.held_out, base.generations[base.prompt],
+                                       clean.generations[clean.prompt]])).save(pictures / f"{name}.png")
             for label in methods:
                 if label == "none":
                     continue
@@ -232,9 +233,9 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
                     r = experiment.compare(base.measures, clean.measures, prot.measures)
                     if pictures is not None and seed == seeds[0]:
                         # rows: protected views, held-out views, generations after the clean and the protected attack
-                        to_pil(picture([list(result.images), setup.held_out, clean.generations[clean.prompt],
-                                        prot.generations[prot.prompt]], tuple(setup.held_out[0].shape[-2:]))
-                               ).save(pictures / f"{name}-{label}{'' if budget is None else f'@{budget * 255:.1f}'}.png")
+                        at = "" if budget is None else f"@{budget * 255:.1f}"
+                        to_pil(picture(setup, [list(result.images), setup.held_out, clean.generations[clean.prompt],
+                                               prot.generations[prot.prompt]])).save(pictures / f"{name}-{label}{at}.png")
                     stats = result.stats["images"]
                     row = {"subject": name, "seed": seed, "method": label, "budget_field": field, "budget": params.get(field),
                            "psnr": statistics.fmean(s["psnr"] for s in stats), "rms_255": statistics.fmean(s["rms_255"] for s in stats),
