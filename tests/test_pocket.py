@@ -249,6 +249,68 @@ def test_vae_limits_separate_the_decoders_range_from_the_encoder_and_refine_one_
     with pytest.raises(SystemExit) as err:
         main(["limits", "--model", "tiny", "--steps", "0"])
     assert err.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
+    # the linear bound: all 48 components of a 4x4 RGB patch give the image back; 4 lose what 48 keep
+    assert res["linear"] == {}  # only when asked
+    lin = limits("tiny", range_steps=1, linear=(4, 48), log=lambda *a: None)["linear"]
+    assert lin[48]["held_out_photos_mean"] > 90 and lin[48]["synthetic_colour_shift_max_255"] < 1e-3, lin[48]
+    assert lin[4]["held_out_photos_mean"] < 35 and "linear projection, 48 channels" in show({**res, "linear": lin})
+    with pytest.raises(SystemExit) as err:
+        main(["limits", "--model", "tiny", "--linear", "8,64"])
+    assert err.value.code == 2 and "from 1 to 48" in capsys.readouterr().err
+
+
+def test_a_pca_encoder_computes_the_patch_projection_exactly():
+    """vae_encoder="pca": diffusers' own Encoder, wired, gives the principal-component projection of 4x4 patches as
+    its latent mean (to float rounding) and the chosen log-variance; sizes it cannot wire are refused by name."""
+    from dataclasses import replace
+
+    from ldu.pocket import data
+    from ldu.pocket.pca import patch_pca, project, wire_encoder
+    from ldu.pocket.train import Config, build_models, build_tokenizer, to_tensor
+
+    cfg = Config()
+    vae, _, _ = build_models(cfg, build_tokenizer()[0])
+    mean, comps = patch_pca(to_tensor(data.batch(0, 0, 64, photo_fraction=0.5, field_fraction=0.2)[0]), 16)
+    assert torch.allclose(comps.T @ comps, torch.eye(16), atol=1e-5)
+    wire_encoder(vae, mean, comps, logvar=-9.0)
+    x = to_tensor(data.batch(1, 0, 8)[0])  # other images than the fit's
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+    ref = project(x, mean, comps)
+    assert ref.shape == post.mean.shape == (8, 16, 16, 16)
+    assert (post.mean - ref).abs().max() <= 1e-4 * ref.abs().max(), (post.mean - ref).abs().max()  # measured 6e-6
+    assert torch.equal(post.logvar, torch.full_like(post.logvar, -9.0))
+    small, _, _ = build_models(replace(cfg, vae_channels=(32, 64, 16)), build_tokenizer()[0])
+    with pytest.raises(ValueError, match="room in each"):
+        wire_encoder(small, mean, comps, logvar=-9.0)
+    with pytest.raises(ValueError, match="vae_encoder must be"):
+        Config(vae_encoder="linear")
+
+
+def test_training_with_a_pca_encoder_trains_the_decoder_alone(tmp_path):
+    """The VAE stage with vae_encoder="pca" keeps the wired encoder: the saved pipeline's latents are the projection
+    (less the folded-in mean), its encoder's weights are the wiring's, and the decoder's have left their start."""
+    from diffusers import AutoencoderKL
+
+    from ldu.pocket import data
+    from ldu.pocket.pca import project, wire_encoder
+    from ldu.pocket.train import Config, build_models, build_tokenizer, fit_pca, to_tensor, train
+
+    cfg = Config(vae_encoder="pca", pca_images=64, vae_steps=3, unet_steps=1, decoder_steps=0, dataset=64, vae_batch=4,
+                 unet_batch=4)
+    folder = train(tmp_path / "p", cfg, progress=_quiet)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    x = to_tensor(data.batch(1, 0, 4)[0])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    removed = torch.tensor(json.loads((folder / "training.json").read_text())["latent_mean_removed"]).view(1, -1, 1, 1)
+    ref = project(x, *fit_pca(cfg))
+    assert (z + removed - ref).abs().max() <= 1e-4 * ref.abs().max()
+    start, _, _ = build_models(cfg, build_tokenizer()[0])  # the same seeded start the run had
+    wire_encoder(start, *fit_pca(cfg), logvar=cfg.vae_logvar_init)
+    for name, p in start.encoder.state_dict().items():
+        assert torch.equal(vae.encoder.state_dict()[name], p), name
+    assert not all(torch.equal(vae.decoder.state_dict()[n], p) for n, p in start.decoder.state_dict().items())
 
 
 def test_image_pools_do_not_depend_on_the_number_of_processes():

@@ -30,6 +30,17 @@ def _heads_width(value: str) -> int:
     return int(value)
 
 
+def _channel_counts(value: str) -> tuple:
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(not 1 <= k <= 48 for k in counts):
+        raise argparse.ArgumentTypeError(f"give component counts from 1 to 48 (a 4x4 RGB patch has 48 values), "
+                                         f"separated by commas, e.g. 4,8,16; got {value!r}")
+    return counts
+
+
 def _positive(value: str) -> int:
     """--text-layers: a whole number of at least 1."""
     if not value.isdigit() or int(value) < 1:
@@ -63,6 +74,9 @@ def main(argv=None) -> int:
                    help="what the UNet predicts (default: epsilon)")
     t.add_argument("--zero-terminal-snr", action="store_true", default=None,
                    help="train and sample a noise schedule that ends at pure noise (needs --prediction v_prediction)")
+    t.add_argument("--vae-encoder", choices=("trained", "pca"), default=None,
+                   help="trained (default): the VAE's encoder learns; pca: it is a fixed 4x4-patch projection and only "
+                        "the decoder learns")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
@@ -76,6 +90,9 @@ def main(argv=None) -> int:
     lim.add_argument("--lr", type=float, default=1e-4, help="refine learning rate")
     lim.add_argument("--anchor", type=float, default=1.0, help="encoder refine: weight holding its latents near the model's")
     lim.add_argument("--range-steps", type=int, default=400, help="Adam steps of the latent optimised through the decoder")
+    lim.add_argument("--linear", type=_channel_counts, default=(), metavar="K1,K2,...",
+                     help="also measure linear 4x4-patch projections with these many components (what a linear "
+                          "encoder and decoder of each latent size keep)")
     lim.add_argument("--out", type=Path, default=None, help="also write the numbers here as JSON")
     lim.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -89,7 +106,7 @@ def main(argv=None) -> int:
                                        ("init_from", args.init_from), ("init_keep", args.init_keep),
                                        ("text_hidden", args.text_hidden), ("text_layers", args.text_layers),
                                        ("unet_channels", args.unet_channels), ("prediction_type", args.prediction),
-                                       ("zero_terminal_snr", args.zero_terminal_snr))
+                                       ("zero_terminal_snr", args.zero_terminal_snr), ("vae_encoder", args.vae_encoder))
                      if v is not None}
         cfg = replace(PRESETS[args.preset], **overrides)
         try:
@@ -105,7 +122,7 @@ def main(argv=None) -> int:
         for name in ("steps", "range_steps"):
             if getattr(args, name) < 1:
                 ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        res = limits(args.model, args.refine, args.steps, args.range_steps, args.anchor, args.lr)
+        res = limits(args.model, args.refine, args.steps, args.range_steps, args.anchor, args.lr, args.linear)
         print(show(res))
         if args.out:
             args.out.write_text(json.dumps(res, indent=2) + "\n")

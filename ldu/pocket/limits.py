@@ -3,6 +3,7 @@
     python -m ldu.pocket limits                                  # the decoder's range (20 s on 2 cores)
     python -m ldu.pocket limits --refine encoder --steps 600     # and the encoder alone fine-tuned (about 6 min)
     python -m ldu.pocket limits --refine decoder --steps 600     # or the decoder alone (about 6 min)
+    python -m ldu.pocket limits --linear 4,8,16                  # and linear 4x4-patch projections of those sizes
 
 (1) The decoder's range: the latent of chelsea's whole photo (squashed to 64 x 64) optimised through the frozen
 decoder (Adam from the encoder's latent), so the eye boxes' PSNR is what the decoder can draw from some latent, and
@@ -10,22 +11,25 @@ how far (RMS, in the UNet's scaled units) that latent lies from the encoder's. (
 latents held near the shipped ones by `anchor` x their mean squared distance, so the latent space the UNet learned
 stays) or the decoder alone (the latent space exactly kept), trained from the model's weights on the VAE's data;
 then check.py's VAE measures again and how far the encoder's latents moved on the built-in subjects' views and on
-fresh training images. The refined VAE is only measured, never saved over the model.
+fresh training images. The refined VAE is only measured, never saved over the model. (3) The linear bound: the
+principal-component projection of 4 x 4 patches (`ldu.pocket.pca`, fitted as `vae_encoder="pca"` fits it) with each
+of `linear` components, decoded by its transpose.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from ..backbone import load_backbone
 from ..subjects import SUBJECTS, subject_views
-from . import data
+from . import data, pca
 from .check import EYES, _psnr, to_unit, vae_measures, whole_photo
-from .train import Config, lr_at, reconstruction_loss, to_tensor
+from .train import Config, fit_pca, lr_at, reconstruction_loss, to_tensor
 
 VAE_DATA = {k: getattr(Config, f"vae_{k}") for k in ("field_fraction", "texture_fraction", "recolour_fraction")}
 
@@ -108,25 +112,41 @@ def latent_drift(ref, vae, scaling: float, seed: int = 5) -> dict:
             for name, x in (("subjects", views), ("fresh", fresh))}
 
 
+def linear_round_trips(channels: tuple[int, ...]) -> dict:
+    """{k: [N,3,64,64] in [0,1] -> the reconstruction through the k-component patch projection and its transpose}
+    for each k of `channels` (one fit: the first k components of the largest fit are the k-component fit)."""
+    mean, comps = fit_pca(replace(Config(), latent_channels=max(channels)))
+
+    def round_trip(c):
+        return lambda x: (pca.unproject(pca.project(x * 2 - 1, mean, c), mean, c) + 1) / 2
+
+    return {k: round_trip(comps[:, :k]) for k in channels}
+
+
 def limits(model: str = "pocket", part: str | None = None, steps: int = 600, range_steps: int = 400,
-           anchor: float = 1.0, lr: float = 1e-4, log=print) -> dict:
-    """The decoder's range and the VAE measures of `model`, and with `part` those of that part refined alone."""
+           anchor: float = 1.0, lr: float = 1e-4, linear: tuple[int, ...] = (), log=print) -> dict:
+    """The decoder's range and the VAE measures of `model`, with `part` those of that part refined alone, and those
+    of the linear projections with each of `linear` components."""
     torch.manual_seed(0)
     bb = load_backbone(model, device="cpu", dtype=torch.float32)
     vae, scaling = bb.vae.eval(), bb.vae.config.scaling_factor
 
-    def measures(v):
+    def measures(round_trip):
         with torch.no_grad():
-            m, _ = vae_measures(lambda x: _image(v, _latent(v, x)))
+            m, _ = vae_measures(round_trip)
         return {k: m[k] for k in ("held_out_photos_mean", "synthetic_psnr_min", "synthetic_colour_shift_max_255",
                                   "chelsea_left_eye_psnr", "chelsea_right_eye_psnr", "chelsea_whole_psnr")}
 
+    def of(v):
+        return lambda x: _image(v, _latent(v, x))
+
     res = {"model": bb.spec, "revision": bb.revision, "decoder_range": decoder_range(vae, scaling, range_steps),
-           "measures": measures(vae)}
+           "measures": measures(of(vae)),
+           "linear": {k: measures(f) for k, f in linear_round_trips(linear).items()} if linear else {}}
     if part:
         refined = refine(vae, part, steps, lr=lr, anchor=anchor, log=log)
         res["refine"] = {"part": part, "steps": steps, "lr": lr, "anchor": anchor if part == "encoder" else None,
-                         "measures": measures(refined), "latent_drift": latent_drift(vae, refined, scaling)}
+                         "measures": measures(of(refined)), "latent_drift": latent_drift(vae, refined, scaling)}
     return res
 
 
@@ -145,6 +165,7 @@ def show(res: dict) -> str:
     if "refine" in res:
         r = res["refine"]
         rows.append((f"{r['part']} refined, {r['steps']} steps", r["measures"], r["latent_drift"]))
+    rows += [(f"linear projection, {k} channels", m, None) for k, m in res["linear"].items()]
     lines.append(f"  {'VAE':<28} {'photos':>7} {'synth min':>9} {'colour':>7} {'eyes':>13}  latent drift (subjects / fresh)")
     for name, m, drift in rows:
         moved = "" if drift is None else "{subjects:.4f} / {fresh:.4f}".format(**drift)

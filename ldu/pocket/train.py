@@ -38,7 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..backbone import diffusion_target
 from ..tiny import build_vocab, strip_absent_components
-from . import data
+from . import data, pca
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -60,6 +60,10 @@ class Config:
     vae_groups: int = 4  # GroupNorm groups of the VAE (2 channels per group erase flat colours)
     vae_logvar_init: float | None = -8.0  # start the posterior narrow (log-variance): a wide one hides the signal
     kl_weight: float = 1e-4
+    vae_encoder: str = "trained"  # "trained": the encoder learns with the decoder; "pca": it is the principal-component
+    #                               projection of 4x4 patches of the VAE's data (`ldu.pocket.pca`) and only the decoder
+    #                               learns in the VAE stage (docs/RESULTS.md, "A linear encoder")
+    pca_images: int = 2048  # with vae_encoder="pca": the VAE images the projection is fitted on
     dataset: int = 40000
     unet_steps: int = 6500
     unet_batch: int = 32
@@ -85,6 +89,10 @@ class Config:
     zero_terminal_snr: bool = False  # rescale the betas so the last timestep is pure noise, sampled with "trailing"
     #                                  timesteps (Lin et al. 2024, "Common diffusion noise schedules ... are flawed");
     #                                  needs v_prediction (an epsilon model cannot read x0 at zero signal)
+
+    def __post_init__(self):
+        if self.vae_encoder not in ("trained", "pca"):
+            raise ValueError(f"vae_encoder must be 'trained' or 'pca', got {self.vae_encoder!r}")
 
 
 PRESETS = {
@@ -249,6 +257,15 @@ def train_autoencoder(vae, stage: str, modules: dict, steps: int, lr: float, pho
     vae.eval()
 
 
+def fit_pca(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch projection of `vae_encoder="pca"`: fitted on `pca_images` images drawn as the VAE stage draws its
+    batches (the same mix of photos, fields, textures and recolourings), under the stage's own seed key (5)."""
+    images = [data.batch(cfg.seed + 5, i, 64, photo_fraction=cfg.vae_photo_fraction, field_fraction=cfg.vae_field_fraction,
+                         texture_fraction=cfg.vae_texture_fraction, recolour_fraction=cfg.vae_recolour_fraction)[0]
+              for i in range(math.ceil(cfg.pca_images / 64))]
+    return pca.patch_pca(to_tensor(np.concatenate(images)[: cfg.pca_images]), cfg.latent_channels)
+
+
 @torch.no_grad()
 def centre_latents(vae, cfg: Config, device) -> dict:
     """Fold the latent mean into the VAE's 1x1 convs and return scaling_factor = 1 / std (DESIGN: no shift_factor)."""
@@ -410,8 +427,14 @@ def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
         t0 = time.time()
 
     if stats is None:
-        train_autoencoder(vae, "vae", {"model": vae}, cfg.vae_steps, cfg.vae_lr, cfg.vae_photo_fraction, cfg.vae_pool,
-                          cfg.kl_weight, cfg, out, ckpt, progress, device)
+        if cfg.vae_encoder == "pca":
+            pca.wire_encoder(vae, *fit_pca(cfg), logvar=cfg.vae_logvar_init if cfg.vae_logvar_init is not None else -8.0)
+            vae.to(device)
+            train_autoencoder(vae, "vae", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, cfg.vae_steps,
+                              cfg.vae_lr, cfg.vae_photo_fraction, cfg.vae_pool, None, cfg, out, ckpt, progress, device)
+        else:
+            train_autoencoder(vae, "vae", {"model": vae}, cfg.vae_steps, cfg.vae_lr, cfg.vae_photo_fraction, cfg.vae_pool,
+                              cfg.kl_weight, cfg, out, ckpt, progress, device)
         stats = centre_latents(vae, cfg, device)
     vae.eval()
     lap("vae")
