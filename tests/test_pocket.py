@@ -205,7 +205,8 @@ def test_a_v_prediction_unet_on_a_zero_terminal_snr_schedule(tmp_path, monkeypat
     (["--unet-channels", "a,b,c"], "three widths"), (["--text-hidden", "130"], "multiple of 4"),
     (["--text-layers", "0"], "at least 1"), (["--text-layers", "-2"], "at least 1"),
     (["--init-keep", "vae"], "--init-keep needs --init-from"),
-    (["--zero-terminal-snr"], "needs prediction_type 'v_prediction'")])
+    (["--zero-terminal-snr"], "needs prediction_type 'v_prediction'"),
+    (["--vae-encoder", "pca", "--init-from", "pocket"], "give one of them")])
 def test_train_cli_refuses_bad_sizes_by_name_before_any_work(args, message, tmp_path, capsys):
     from ldu.pocket.__main__ import main
 

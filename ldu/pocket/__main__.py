@@ -108,8 +108,8 @@ def main(argv=None) -> int:
                                        ("unet_channels", args.unet_channels), ("prediction_type", args.prediction),
                                        ("zero_terminal_snr", args.zero_terminal_snr), ("vae_encoder", args.vae_encoder))
                      if v is not None}
-        cfg = replace(PRESETS[args.preset], **overrides)
         try:
+            cfg = replace(PRESETS[args.preset], **overrides)
             scheduler(cfg)
         except ValueError as e:
             ap.error(str(e))

@@ -1,8 +1,8 @@
 """A VAE encoder that is the principal-component projection of 4 x 4 RGB patches (issue 16, goal 1).
 
 v2's trained encoder keeps less of a photo than a linear projection of the same size: 16 principal components of
-4 x 4 patches, fit on the VAE's own training data, reconstruct the held-out photos at 32 dB and chelsea's eye boxes
-at 25 dB, where the trained VAE reaches 28 and 20-21 (docs/RESULTS.md, "A linear encoder"). So with `vae_encoder
+4 x 4 patches, fit on the VAE's own training data, reconstruct the held-out photos at 32.5 dB and chelsea's eye
+boxes at 26-27 dB, where the trained VAE reaches 28 and 20-21 (docs/RESULTS.md, "A linear encoder"). So with `vae_encoder
 = "pca"` the encoder is not trained: `wire_encoder` sets diffusers' own `Encoder` to compute that projection
 exactly, and only the decoder learns (a nonlinear decoder can do better than the projection's transpose).
 
@@ -63,10 +63,11 @@ def wire_encoder(vae, mean: torch.Tensor, comps: torch.Tensor, logvar: float) ->
     per_group = widths[-1] // groups
     pairs = (per_group - 2 * channels // groups) // 2 if channels % groups == 0 else 0  # constant pairs per group
     if (len(widths) != 3 or cfg.layers_per_block != 1 or cfg.in_channels != 3 or channels != cfg.latent_channels
-            or widths[0] < 12 or widths[1] < 12 or pairs < 1):
+            or widths[0] < 12 or widths[1] != widths[2] or pairs < 1):
         raise ValueError(f"a PCA encoder needs 3 blocks of one layer (x4), 3 input channels, latent_channels = the "
-                         f"components ({channels}), 12 channels in the first two blocks and room in each of the "
-                         f"last block's {groups} groups for {2 * channels // groups} signals and two constants; got "
+                         f"components ({channels}), 12 channels in the first block, the last two equally wide and room "
+                         f"in each of the last block's {groups} groups for {2 * channels // groups} signals and two "
+                         f"constants; got "
                          f"block_out_channels={widths}, latent_channels={cfg.latent_channels}, groups={groups}")
     for p in enc.parameters():
         p.zero_()
@@ -77,9 +78,10 @@ def wire_encoder(vae, mean: torch.Tensor, comps: torch.Tensor, logvar: float) ->
         for dy in range(2):
             for dx in range(2):
                 down.weight[c * 4 + dy * 2 + dx, c, dy, dx] = 1
-    shortcut = enc.down_blocks[1].resnets[0].conv_shortcut  # the first block's 12 channels, carried
-    for c in range(12):
-        shortcut.weight[c, c, 0, 0] = 1
+    shortcut = enc.down_blocks[1].resnets[0].conv_shortcut  # the first block's 12 channels, carried (no shortcut:
+    if shortcut is not None:                                  # the blocks are equally wide, the skip carries them)
+        for c in range(12):
+            shortcut.weight[c, c, 0, 0] = 1
     # The second stride-2 conv reads 2 x 2 of those: pixel (2 * dy2 + dy1, 2 * dx2 + dx1) of each 4 x 4 patch.
     down = enc.down_blocks[1].downsamplers[0].conv
     per = channels // groups

@@ -93,6 +93,8 @@ class Config:
     def __post_init__(self):
         if self.vae_encoder not in ("trained", "pca"):
             raise ValueError(f"vae_encoder must be 'trained' or 'pca', got {self.vae_encoder!r}")
+        if self.vae_encoder == "pca" and self.init_from:
+            raise ValueError("vae_encoder 'pca' builds a new VAE and init_from keeps that model's: give one of them")
 
 
 PRESETS = {
