@@ -12,12 +12,17 @@ from .check import check
 from .train import PRESETS, scheduler, train
 
 
+def _ints(value: str) -> tuple:
+    """Comma-separated whole numbers, or () if any is not one."""
+    try:
+        return tuple(int(c) for c in value.split(","))
+    except ValueError:
+        return ()
+
+
 def _widths(value: str) -> tuple:
     """--unet-channels: three block widths, each a positive multiple of 16 (the UNet's GroupNorm has 16 groups)."""
-    try:
-        widths = tuple(int(c) for c in value.split(","))
-    except ValueError:
-        widths = ()
+    widths = _ints(value)
     if len(widths) != 3 or any(w < 16 or w % 16 for w in widths):
         raise argparse.ArgumentTypeError(f"give three widths, each a multiple of 16, e.g. 48,96,96 (got {value!r})")
     return widths
@@ -31,10 +36,8 @@ def _heads_width(value: str) -> int:
 
 
 def _channel_counts(value: str) -> tuple:
-    try:
-        counts = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        counts = ()
+    """--linear: component counts of a 4x4 RGB patch's 48 values."""
+    counts = _ints(value)
     if not counts or any(not 1 <= k <= 48 for k in counts):
         raise argparse.ArgumentTypeError(f"give component counts from 1 to 48 (a 4x4 RGB patch has 48 values), "
                                          f"separated by commas, e.g. 4,8,16; got {value!r}")

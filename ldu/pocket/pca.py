@@ -82,35 +82,23 @@ def wire_encoder(vae, mean: torch.Tensor, comps: torch.Tensor, logvar: float) ->
     if shortcut is not None:                                  # the blocks are equally wide, the skip carries them)
         for c in range(12):
             shortcut.weight[c, c, 0, 0] = 1
-    # The second stride-2 conv reads 2 x 2 of those: pixel (2 * dy2 + dy1, 2 * dx2 + dx1) of each 4 x 4 patch.
-    down = enc.down_blocks[1].downsamplers[0].conv
+    # The second stride-2 conv reads 2 x 2 of those: pixel (2 * dy2 + dy1, 2 * dx2 + dx1) of each 4 x 4 patch, whose
+    # index in a patch vector is c * 16 + dy2 * 8 + dy1 * 4 + dx2 * 2 + dx1. Component k goes to channel plus[k] of
+    # the last block (per group of channels: the group's components as +/- pairs, then constant pairs +K, -K).
     per = channels // groups
-    for g in range(groups):
-        for i in range(per):
-            k, plus = g * per + i, g * per_group + 2 * i
-            for c in range(3):
-                for dy1 in range(2):
-                    for dx1 in range(2):
-                        for dy2 in range(2):
-                            for dx2 in range(2):
-                                n = c * 16 + (2 * dy2 + dy1) * 4 + 2 * dx2 + dx1
-                                down.weight[plus, c * 4 + dy1 * 2 + dx1, dy2, dx2] = comps[n, k]
-                                down.weight[plus + 1, c * 4 + dy1 * 2 + dx1, dy2, dx2] = -comps[n, k]
-            down.bias[plus] = -(mean @ comps[:, k])
-            down.bias[plus + 1] = mean @ comps[:, k]
-        for j in range(pairs):  # the group's spare channels: constants +K, -K
-            down.bias[g * per_group + 2 * per + 2 * j] = CONSTANT
-            down.bias[g * per_group + 2 * per + 2 * j + 1] = -CONSTANT
+    plus = torch.tensor([g * per_group + 2 * i for g in range(groups) for i in range(per)])
+    constants = torch.tensor([g * per_group + 2 * per + 2 * j for g in range(groups) for j in range(pairs)])
+    taps = comps.view(3, 2, 2, 2, 2, channels).permute(5, 0, 2, 4, 1, 3).reshape(channels, 12, 2, 2)
+    down = enc.down_blocks[1].downsamplers[0].conv
+    down.weight[plus, :12, :2, :2], down.weight[plus + 1, :12, :2, :2] = taps, -taps
+    down.bias[plus], down.bias[plus + 1] = -(mean @ comps), mean @ comps
+    down.bias[constants], down.bias[constants + 1] = CONSTANT, -CONSTANT
     # The final GroupNorm: each group's mean is 0 and its deviation K sqrt(2 pairs / per_group), so weight = that
     # deviation gives each signal channel back unchanged (the constants' weights stay 0: they leave as 0).
     norm, out = enc.conv_norm_out, enc.conv_out
-    scale = CONSTANT * math.sqrt(2 * pairs / per_group)
-    for g in range(groups):
-        for i in range(per):
-            k, plus = g * per + i, g * per_group + 2 * i
-            for ch in (plus, plus + 1):
-                norm.weight[ch] = scale
-            out.weight[k, plus, 1, 1], out.weight[k, plus + 1, 1, 1] = 1, -1  # SiLU(s) - SiLU(-s) = s
+    norm.weight[plus] = norm.weight[plus + 1] = CONSTANT * math.sqrt(2 * pairs / per_group)
+    k = torch.arange(channels)
+    out.weight[k, plus, 1, 1], out.weight[k, plus + 1, 1, 1] = 1.0, -1.0  # SiLU(s) - SiLU(-s) = s
     out.bias[channels:] = logvar
     vae.quant_conv.weight.zero_()
     vae.quant_conv.bias.zero_()

@@ -431,7 +431,6 @@ def train(out: Path, cfg: Config, progress=None, device=None) -> Path:
     if stats is None:
         if cfg.vae_encoder == "pca":
             pca.wire_encoder(vae, *fit_pca(cfg), logvar=cfg.vae_logvar_init if cfg.vae_logvar_init is not None else -8.0)
-            vae.to(device)
             train_autoencoder(vae, "vae", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}, cfg.vae_steps,
                               cfg.vae_lr, cfg.vae_photo_fraction, cfg.vae_pool, None, cfg, out, ckpt, progress, device)
         else:
