@@ -260,6 +260,60 @@ def test_vae_limits_separate_the_decoders_range_from_the_encoder_and_refine_one_
     assert err.value.code == 2 and "from 1 to 48" in capsys.readouterr().err
 
 
+def test_the_clamped_loss_lets_a_saturated_colour_overshoot():
+    """clamped_loss: an output past a saturated target costs nothing (it is shown clamped), one short of it costs as
+    before."""
+    from ldu.pocket.train import reconstruction_loss
+
+    x = torch.ones(2, 3, 8, 8)
+    x[:, 1] = -1  # magenta: two channels at the top of the range, one at the bottom
+    past = (x * 1.05).requires_grad_(True)
+    assert float(reconstruction_loss(past, x)) > 0.05
+    loss = reconstruction_loss(past, x, clamped=True)
+    loss.backward()
+    assert float(loss) == 0 and float(past.grad.abs().max()) == 0
+    short = x * 0.95
+    assert float(reconstruction_loss(short, x, clamped=True)) == pytest.approx(float(reconstruction_loss(short, x)))
+
+
+def test_the_decoder_stage_trains_with_its_own_fields_share_and_loss_options(tmp_path, monkeypatch):
+    """decoder_field_fraction reaches the decoder stage (the VAE stage keeps vae_field_fraction) and clamped_loss
+    both stages that train the decoder."""
+    from ldu.pocket import train as t
+
+    fields, losses = [], []
+    source, loss = t.image_source, t.reconstruction_loss
+
+    def spy_source(*a, **k):
+        fields.append(k["field_fraction"])
+        return source(*a, **k)
+
+    def spy_loss(rec, x, clamped=False):
+        losses.append(clamped)
+        return loss(rec, x, clamped)
+
+    monkeypatch.setattr(t, "image_source", spy_source)
+    monkeypatch.setattr(t, "reconstruction_loss", spy_loss)
+    cfg = t.Config(vae_steps=2, unet_steps=1, decoder_steps=2, dataset=64, vae_batch=4, unet_batch=4, decoder_batch=4,
+                   decoder_field_fraction=0.5, clamped_loss=True)
+    t.train(tmp_path / "d", cfg, progress=_quiet)
+    assert fields == [0.15, 0.5] and losses == [True] * 4
+    assert t.Config().decoder_fields == 0.15 and t.Config(decoder_field_fraction=0.0).decoder_fields == 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decoder-fields", "1.5"], "share from 0 to 1"),
+    (["--decoder-fields", "half"], "share from 0 to 1"),
+])
+def test_decoder_options_are_refused_by_name(args, message, tmp_path, capsys):
+    from ldu.pocket.__main__ import main
+
+    for command in (["train", "--out", str(tmp_path / "m")], ["limits", "--model", "tiny"]):
+        with pytest.raises(SystemExit) as err:
+            main([*command, *args])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_pca_encoder_computes_the_patch_projection_exactly():
     """vae_encoder="pca": diffusers' own Encoder, wired, gives the principal-component projection of 4x4 patches as
     its latent mean (to float rounding) and the chosen log-variance; sizes it cannot wire are refused by name."""

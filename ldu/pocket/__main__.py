@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .check import check
-from .train import PRESETS, scheduler, train
+from .train import PRESETS, Config, scheduler, train
 
 
 def _ints(value: str) -> tuple:
@@ -51,6 +51,30 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _share(value: str) -> float:
+    """--decoder-fields: a share from 0 to 1."""
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"give a share from 0 to 1, e.g. 0.4 (got {value!r})")
+    return share
+
+
+def _decoder_options(p: argparse.ArgumentParser) -> None:
+    """The decoder's loss and data, shared by train's decoder stage and limits' refine."""
+    p.add_argument("--decoder-fields", type=_share, default=None, metavar="SHARE",
+                   help="share of flat or smooth colour fields in the decoder's batches (default: the VAE stage's 0.15)")
+    p.add_argument("--clamped-loss", action="store_true", default=None,
+                   help="the reconstruction loss sees the output clamped to the image range, as it is shown")
+
+
+def _decoder_overrides(args) -> dict:
+    return {k: v for k, v in (("decoder_field_fraction", args.decoder_fields), ("clamped_loss", args.clamped_loss))
+            if v is not None}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ldu.pocket")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -80,6 +104,7 @@ def main(argv=None) -> int:
     t.add_argument("--vae-encoder", choices=("trained", "pca"), default=None,
                    help="trained (default): the VAE's encoder learns; pca: it is a fixed 4x4-patch projection and only "
                         "the decoder learns")
+    _decoder_options(t)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     c = sub.add_parser("check", help="measure the quality of a pocket model; writes check.json and a grid")
     c.add_argument("--model", default="pocket", help="pocket, or a folder")
@@ -96,6 +121,7 @@ def main(argv=None) -> int:
     lim.add_argument("--linear", type=_channel_counts, default=(), metavar="K1,K2,...",
                      help="also measure linear 4x4-patch projections with these many components (what a linear "
                           "encoder and decoder of each latent size keep)")
+    _decoder_options(lim)
     lim.add_argument("--out", type=Path, default=None, help="also write the numbers here as JSON")
     lim.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -110,7 +136,7 @@ def main(argv=None) -> int:
                                        ("text_hidden", args.text_hidden), ("text_layers", args.text_layers),
                                        ("unet_channels", args.unet_channels), ("prediction_type", args.prediction),
                                        ("zero_terminal_snr", args.zero_terminal_snr), ("vae_encoder", args.vae_encoder))
-                     if v is not None}
+                     if v is not None} | _decoder_overrides(args)
         try:
             cfg = replace(PRESETS[args.preset], **overrides)
             scheduler(cfg)
@@ -125,7 +151,8 @@ def main(argv=None) -> int:
         for name in ("steps", "range_steps"):
             if getattr(args, name) < 1:
                 ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        res = limits(args.model, args.refine, args.steps, args.range_steps, args.anchor, args.lr, args.linear)
+        res = limits(args.model, args.refine, args.steps, args.range_steps, args.anchor, args.lr, args.linear,
+                     replace(Config(), **_decoder_overrides(args)))
         print(show(res))
         if args.out:
             args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -31,9 +31,6 @@ from . import data, pca
 from .check import EYES, _psnr, to_unit, vae_measures, whole_photo
 from .train import Config, fit_pca, lr_at, reconstruction_loss, to_tensor
 
-VAE_DATA = {k: getattr(Config, f"vae_{k}") for k in ("field_fraction", "texture_fraction", "recolour_fraction")}
-
-
 def _latent(vae, x: torch.Tensor) -> torch.Tensor:
     """x in [0,1] -> the posterior mean (unscaled)."""
     return vae.encode(x * 2 - 1).latent_dist.mean
@@ -69,9 +66,10 @@ def decoder_range(vae, scaling: float, steps: int = 400, lr: float = 0.02) -> di
 
 
 def refine(vae, part: str, steps: int, lr: float = 1e-4, anchor: float = 1.0, batch: int = 16, seed: int = 0,
-           photo_fraction: float = 0.8, log=print):
+           photo_fraction: float = 0.8, cfg: Config = Config(), log=print):
     """A copy of `vae` with `part` ("encoder" or "decoder") trained alone for `steps` (the training's reconstruction
-    loss, on the VAE stage's kinds of data; the encoder's latents held near the original's by `anchor`). Returns the copy."""
+    loss and kinds of data as `cfg`'s decoder stage has them; the encoder's latents held near the original's by
+    `anchor`). Returns the copy."""
     if part not in ("encoder", "decoder"):
         raise ValueError(f"refine: part must be encoder or decoder, got {part!r}")
     ref, vae = vae, copy.deepcopy(vae)
@@ -85,11 +83,12 @@ def refine(vae, part: str, steps: int, lr: float = 1e-4, anchor: float = 1.0, ba
     vae.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        x = to_tensor(data.batch(seed + 77, step, batch, photo_fraction=photo_fraction, **VAE_DATA)[0])
+        x = to_tensor(data.batch(seed + 77, step, batch, photo_fraction=photo_fraction, field_fraction=cfg.decoder_fields,
+                                 texture_fraction=cfg.vae_texture_fraction, recolour_fraction=cfg.vae_recolour_fraction)[0])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, min(50, steps // 10))
         z = vae.encode(x).latent_dist.mean
-        loss = reconstruction_loss(vae.decode(z).sample, x)
+        loss = reconstruction_loss(vae.decode(z).sample, x, cfg.clamped_loss)
         if part == "encoder":
             with torch.no_grad():
                 z0 = ref.encode(x).latent_dist.mean
@@ -124,9 +123,9 @@ def linear_round_trips(channels: tuple[int, ...]) -> dict:
 
 
 def limits(model: str = "pocket", part: str | None = None, steps: int = 600, range_steps: int = 400,
-           anchor: float = 1.0, lr: float = 1e-4, linear: tuple[int, ...] = (), log=print) -> dict:
-    """The decoder's range and the VAE measures of `model`, with `part` those of that part refined alone, and those
-    of the linear projections with each of `linear` components."""
+           anchor: float = 1.0, lr: float = 1e-4, linear: tuple[int, ...] = (), cfg: Config = Config(), log=print) -> dict:
+    """The decoder's range and the VAE measures of `model`, with `part` those of that part refined alone (with `cfg`'s
+    decoder-stage loss and data), and those of the linear projections with each of `linear` components."""
     torch.manual_seed(0)
     bb = load_backbone(model, device="cpu", dtype=torch.float32)
     vae, scaling = bb.vae.eval(), bb.vae.config.scaling_factor
@@ -144,8 +143,9 @@ def limits(model: str = "pocket", part: str | None = None, steps: int = 600, ran
            "measures": measures(of(vae)),
            "linear": {k: measures(f) for k, f in linear_round_trips(linear).items()} if linear else {}}
     if part:
-        refined = refine(vae, part, steps, lr=lr, anchor=anchor, log=log)
+        refined = refine(vae, part, steps, lr=lr, anchor=anchor, cfg=cfg, log=log)
         res["refine"] = {"part": part, "steps": steps, "lr": lr, "anchor": anchor if part == "encoder" else None,
+                         **{k: getattr(cfg, k) for k in ("decoder_field_fraction", "clamped_loss")},
                          "measures": measures(of(refined)), "latent_drift": latent_drift(vae, refined, scaling)}
     return res
 

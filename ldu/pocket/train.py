@@ -77,6 +77,9 @@ class Config:
     decoder_pool: int = 0
     decoder_batch: int = 16  # 0: vae_batch
     decoder_crop: int = 64  # 0: vae_crop; 64: whole images, so GroupNorm sees whole-image statistics at the end
+    decoder_field_fraction: float | None = None  # share of colour fields in the decoder stage (None: vae_field_fraction)
+    clamped_loss: bool = False  # the reconstruction loss sees the decoder's output clamped to the image range, as every
+    #                             user of it does (a saturated channel may overshoot: no flat colour pulled inward)
     checkpoint_every: int = 500
     vae_channels: tuple = (32, 64, 64)
     unet_channels: tuple = (32, 64, 64)
@@ -89,6 +92,11 @@ class Config:
     zero_terminal_snr: bool = False  # rescale the betas so the last timestep is pure noise, sampled with "trailing"
     #                                  timesteps (Lin et al. 2024, "Common diffusion noise schedules ... are flawed");
     #                                  needs v_prediction (an epsilon model cannot read x0 at zero signal)
+
+    @property
+    def decoder_fields(self) -> float:
+        """The share of colour fields in the decoder stage's batches."""
+        return self.vae_field_fraction if self.decoder_field_fraction is None else self.decoder_field_fraction
 
     def __post_init__(self):
         if self.vae_encoder not in ("trained", "pca"):
@@ -177,8 +185,11 @@ def gradient_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
-def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 + L2 + half the gradient difference: sharp edges without a perceptual network."""
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, clamped: bool = False) -> torch.Tensor:
+    """L1 + L2 + half the gradient difference: sharp edges without a perceptual network. clamped: of the output
+    clamped to [-1, 1], what the image is once shown (a saturated colour may overshoot instead of being pulled in)."""
+    if clamped:
+        rec = rec.clamp(-1, 1)
     return (rec - x).abs().mean() + (rec - x).pow(2).mean() + 0.5 * gradient_difference(rec, x)
 
 
@@ -227,7 +238,8 @@ def train_autoencoder(vae, stage: str, modules: dict, steps: int, lr: float, pho
     for m in modules.values():
         m.train()
     batch, c = (cfg.vae_batch, cfg.vae_crop) if stage == "vae" else (cfg.decoder_batch or cfg.vae_batch, cfg.decoder_crop or cfg.vae_crop)
-    source = image_source(cfg.seed + key, pool, batch, photo_fraction, device, field_fraction=cfg.vae_field_fraction,
+    fields = cfg.vae_field_fraction if stage == "vae" else cfg.decoder_fields
+    source = image_source(cfg.seed + key, pool, batch, photo_fraction, device, field_fraction=fields,
                           texture_fraction=cfg.vae_texture_fraction, recolour_fraction=cfg.vae_recolour_fraction)
     bar = progress(total=steps, initial=start, desc={"vae": "VAE", "decoder": "VAE decoder"}[stage])
     t0 = time.time()
@@ -243,7 +255,7 @@ def train_autoencoder(vae, stage: str, modules: dict, steps: int, lr: float, pho
             noise = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(step)).to(device)
             z = post.mean + post.std * noise
         rec = vae.decode(z).sample
-        loss = reconstruction_loss(rec, x)
+        loss = reconstruction_loss(rec, x, cfg.clamped_loss)
         if kl_weight is not None:
             loss = loss + kl_weight * (post.kl().mean() / z[0].numel())
         opt.zero_grad(set_to_none=True)
