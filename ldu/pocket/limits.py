@@ -3,6 +3,7 @@
     python -m ldu.pocket limits                                  # the decoder's range (20 s on 2 cores)
     python -m ldu.pocket limits --refine encoder --steps 600     # and the encoder alone fine-tuned (about 6 min)
     python -m ldu.pocket limits --refine decoder --steps 600     # or the decoder alone (about 6 min)
+    python -m ldu.pocket limits --refine decoder --clamped-loss --decoder-fields 0.4   # with the decoder stage's options
     python -m ldu.pocket limits --linear 4,8,16                  # and linear 4x4-patch projections of those sizes
 
 (1) The decoder's range: the latent of chelsea's whole photo (squashed to 64 x 64) optimised through the frozen
@@ -11,9 +12,9 @@ how far (RMS, in the UNet's scaled units) that latent lies from the encoder's. (
 latents held near the shipped ones by `anchor` x their mean squared distance, so the latent space the UNet learned
 stays) or the decoder alone (the latent space exactly kept), trained from the model's weights on the VAE's data;
 then check.py's VAE measures again and how far the encoder's latents moved on the built-in subjects' views and on
-fresh training images. The refined VAE is only measured, never saved over the model. (3) The linear bound: the
-principal-component projection of 4 x 4 patches (`ldu.pocket.pca`, fitted as `vae_encoder="pca"` fits it) with each
-of `linear` components, decoded by its transpose.
+fresh training images (`--clamped-loss` and `--decoder-fields` as in `train`). The refined VAE is only measured,
+never saved over the model. (3) The linear bound: the principal-component projection of 4 x 4 patches
+(`ldu.pocket.pca`, fitted as `vae_encoder="pca"` fits it) with each of `linear` components, decoded by its transpose.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def decoder_range(vae, scaling: float, steps: int = 400, lr: float = 0.02) -> di
 
 
 def refine(vae, part: str, steps: int, lr: float = 1e-4, anchor: float = 1.0, batch: int = 16, seed: int = 0,
-           photo_fraction: float = 0.8, cfg: Config = Config(), log=print):
+           photo_fraction: float = 0.8, cfg: Config | None = None, log=print):
     """A copy of `vae` with `part` ("encoder" or "decoder") trained alone for `steps` (the training's reconstruction
     loss and kinds of data as `cfg`'s decoder stage has them; the encoder's latents held near the original's by
-    `anchor`). Returns the copy."""
+    `anchor`; `cfg` by default the preset's). Returns the copy."""
     if part not in ("encoder", "decoder"):
         raise ValueError(f"refine: part must be encoder or decoder, got {part!r}")
+    cfg = cfg or Config()
     ref, vae = vae, copy.deepcopy(vae)
     scaling = vae.config.scaling_factor
     params = [*vae.encoder.parameters(), *vae.quant_conv.parameters()] if part == "encoder" else \
@@ -123,7 +125,7 @@ def linear_round_trips(channels: tuple[int, ...]) -> dict:
 
 
 def limits(model: str = "pocket", part: str | None = None, steps: int = 600, range_steps: int = 400,
-           anchor: float = 1.0, lr: float = 1e-4, linear: tuple[int, ...] = (), cfg: Config = Config(), log=print) -> dict:
+           anchor: float = 1.0, lr: float = 1e-4, linear: tuple[int, ...] = (), cfg: Config | None = None, log=print) -> dict:
     """The decoder's range and the VAE measures of `model`, with `part` those of that part refined alone (with `cfg`'s
     decoder-stage loss and data), and those of the linear projections with each of `linear` components."""
     torch.manual_seed(0)
@@ -144,6 +146,7 @@ def limits(model: str = "pocket", part: str | None = None, steps: int = 600, ran
            "linear": {k: measures(f) for k, f in linear_round_trips(linear).items()} if linear else {}}
     if part:
         refined = refine(vae, part, steps, lr=lr, anchor=anchor, cfg=cfg, log=log)
+        cfg = cfg or Config()
         res["refine"] = {"part": part, "steps": steps, "lr": lr, "anchor": anchor if part == "encoder" else None,
                          **{k: getattr(cfg, k) for k in ("decoder_field_fraction", "clamped_loss")},
                          "measures": measures(of(refined)), "latent_drift": latent_drift(vae, refined, scaling)}

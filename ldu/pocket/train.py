@@ -14,7 +14,8 @@ post_quant_conv (diffusers' pipelines ignore a shift_factor) and scaling_factor 
 seeded dataset of images encoded once to posterior means and stds; (4) the UNet and text encoder together with
 the epsilon-prediction loss, 10 % empty captions (for classifier-free guidance) and an EMA of the weights (with
 a warm-up, so that a short run does not keep its random start);
-(5) the decoder alone on photo-heavy batches (the encoder, hence the latent space, frozen); (6) the EMA weights
+(5) the decoder alone on photo-heavy batches (the encoder, hence the latent space, frozen; `decoder_field_fraction`
+and `clamped_loss` keep flat and saturated colours, as the shipped pocket's last run did); (6) the EMA weights
 saved as a StableDiffusionPipeline folder. Every random draw comes from (seed, stage, step), drawn on the CPU, so a
 run is the same computation on any device (up to floating-point order). On a GPU the VAE and decoder stages
 sample from pools of images made once by parallel processes (`vae_pool`, `decoder_pool`) instead of drawing a
