@@ -269,10 +269,10 @@ def test_the_clamped_loss_lets_a_saturated_colour_overshoot():
     x = torch.ones(2, 3, 8, 8)
     x[:, 1] = -1  # magenta: two channels at the top of the range, one at the bottom
     past = (x * 1.05).requires_grad_(True)
-    assert float(reconstruction_loss(past, x)) > 0.05
+    assert reconstruction_loss(past, x).item() > 0.05
     loss = reconstruction_loss(past, x, clamped=True)
     loss.backward()
-    assert float(loss) == 0 and float(past.grad.abs().max()) == 0
+    assert loss.item() == 0 and past.grad.abs().max().item() == 0
     short = x * 0.95
     assert float(reconstruction_loss(short, x, clamped=True)) == pytest.approx(float(reconstruction_loss(short, x)))
 
