@@ -274,7 +274,7 @@ def test_the_clamped_loss_lets_a_saturated_colour_overshoot():
     loss.backward()
     assert loss.item() == 0 and past.grad.abs().max().item() == 0
     short = x * 0.95
-    assert float(reconstruction_loss(short, x, clamped=True)) == pytest.approx(float(reconstruction_loss(short, x)))
+    assert reconstruction_loss(short, x, clamped=True).item() == pytest.approx(reconstruction_loss(short, x).item())
 
 
 def test_the_decoder_stage_trains_with_its_own_fields_share_and_loss_options(tmp_path, monkeypatch):
