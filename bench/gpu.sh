@@ -9,25 +9,43 @@
 #
 # Missing pure-Python packages (diffusers, peft, pypng) may travel as wheels in .whl/ (bench/README lines below):
 #   python3 -m pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 pypng==0.20220715.0
-set -euo pipefail
+set -uo pipefail  # not -e: one failing benchmark is reported and the others still run
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())"
-SD=${SD:-/tmp/sd15-random}
-[ -f "$SD/model_index.json" ] || python3 bench/make_random_sd.py --out "$SD"
+# SMOKE=1: the same commands on the tiny backbone on this CPU, in seconds (checks the script, measures nothing)
+if [ -n "${SMOKE:-}" ]; then
+  DEV="--device cpu"; M="--model tiny"; R="--model tiny"; DT=""; GPU="CPU (smoke run, tiny backbone: no timings)"
+else
+  python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+  SD=${SD:-/tmp/sd15-random}
+  [ -f "$SD/model_index.json" ] || python3 bench/make_random_sd.py --out "$SD" || exit 1
+  DEV=""; M="--model $SD"; R="--random-weights sd15"; DT="--dtype bf16"
+  GPU=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
+fi
 OUT=${OUT:-/tmp/ldu-gpu-bench}; mkdir -p "$OUT"
-if [ -n "${QUICK:-}" ]; then IT=10; STEPS=60; LABEL="quick (extrapolated from 10 iterations / 60 steps)"; else IT=50; STEPS=400; LABEL=full; fi
-python3 bench/protect.py --model "$SD" --dtype bf16 --methods ldu,advdm,photoguard_encoder,mist,pid --iterations $IT \
-  | tee "$OUT/protect.txt"
-python3 bench/protect.py --model "$SD" --dtype bf16 --methods aspl --images 4 | tee "$OUT/aspl.txt"
-python3 bench/amortised.py --random-weights sd15 --dtype bf16 --preset sd15 --batch 4 --train-steps 3 --images 1,8 \
-  | tee "$OUT/amortised.txt" || echo "amortised benchmark failed (see above)" | tee -a "$OUT/amortised.txt"
-python3 bench/attack.py --model "$SD" --dtype bf16 --steps $((STEPS < 60 ? STEPS : 60)) | tee "$OUT/attack.txt"
-python3 bench/loop.py --model "$SD" --dtype bf16 --iterations $IT --steps $STEPS --n-gen 8 | tee "$OUT/loop.txt"
+if [ -n "${SMOKE:-}" ]; then IT=2; STEPS=6; NGEN=2; LABEL="smoke";
+elif [ -n "${QUICK:-}" ]; then IT=10; STEPS=60; NGEN=8; LABEL="quick (extrapolated from 10 iterations / 60 steps)";
+else IT=50; STEPS=400; NGEN=8; LABEL=full; fi
+LIMIT=${STEP_LIMIT:-300}  # seconds each benchmark may take before it is stopped and reported as such
+
+step() {  # step NAME COMMAND...: run one benchmark into $OUT/NAME.txt; a failure or overrun is written there too
+  local name=$1; shift
+  timeout "$LIMIT" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ]; then echo "$name: stopped after ${LIMIT} s (STEP_LIMIT)" | tee -a "$OUT/$name.txt"
+  elif [ "$rc" != 0 ]; then echo "$name: failed (exit $rc, see above)" | tee -a "$OUT/$name.txt"; fi
+}
+
+step protect python3 bench/protect.py $M $DEV $DT --methods ldu,advdm,photoguard_encoder,mist,pid --iterations $IT
+step aspl python3 bench/protect.py $M $DEV $DT --methods aspl --images 4 --iterations $( [ -n "${SMOKE:-}" ] && echo 1 || echo $IT )
+step amortised python3 bench/amortised.py $R $DEV $DT --preset $( [ -n "${SMOKE:-}" ] && echo cpu || echo sd15 ) \
+  --batch 4 --train-steps $( [ -n "${SMOKE:-}" ] && echo 1 || echo 3 ) --images 1,8
+step attack python3 bench/attack.py $M $DEV $DT --steps $((STEPS < 60 ? STEPS : 60))
+step loop python3 bench/loop.py $M $DEV $DT --iterations $IT --steps $STEPS --n-gen $NGEN
 echo
-echo "== LDU Playground on $(python3 -c 'import torch; print(torch.cuda.get_device_name())'), $(date -u +%F), settings: $LABEL"
+echo "== LDU Playground on $GPU, $(date -u +%F), settings: $LABEL"
 for f in protect aspl amortised attack loop; do echo "-- $f"; cat "$OUT/$f.txt"; done

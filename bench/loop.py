@@ -52,6 +52,7 @@ def main() -> None:
     result = pg.run_job(pg.protect_photos, paths["train"], bb, args.method, params, folder / "protected")
     sync(args.device)
     rows.append({"stage": f"protect 4 photos ({args.method})", "seconds": f"{time.perf_counter() - t0:.1f}", "status": result.status})
+    print(f"{rows[-1]['stage']}: {rows[-1]['seconds']} s, {rows[-1]['status']}", flush=True)  # kept if a limit stops the run
     name = args.attack or default_attack(bb.kind)
     steps = args.steps or pg.get_attack(name).make_params(bb.kind).steps
     setup = pg.attack_setup(bb, paths["train"], paths["held_out"], "robot", name, steps, 0, args.n_gen)

@@ -69,6 +69,8 @@ def wire_encoder(vae, mean: torch.Tensor, comps: torch.Tensor, logvar: float) ->
                          f"in each of the last block's {groups} groups for {2 * channels // groups} signals and two "
                          f"constants; got "
                          f"block_out_channels={widths}, latent_channels={cfg.latent_channels}, groups={groups}")
+    dev = enc.conv_in.weight.device  # the projection is fitted on the CPU; the VAE may already sit on a GPU
+    mean, comps = mean.to(dev, enc.conv_in.weight.dtype), comps.to(dev, enc.conv_in.weight.dtype)
     for p in enc.parameters():
         p.zero_()
     for c in range(3):  # conv_in: the pixels themselves, in channels 0-2
@@ -86,8 +88,8 @@ def wire_encoder(vae, mean: torch.Tensor, comps: torch.Tensor, logvar: float) ->
     # index in a patch vector is c * 16 + dy2 * 8 + dy1 * 4 + dx2 * 2 + dx1. Component k goes to channel plus[k] of
     # the last block (per group of channels: the group's components as +/- pairs, then constant pairs +K, -K).
     per = channels // groups
-    plus = torch.tensor([g * per_group + 2 * i for g in range(groups) for i in range(per)])
-    constants = torch.tensor([g * per_group + 2 * per + 2 * j for g in range(groups) for j in range(pairs)])
+    plus = torch.tensor([g * per_group + 2 * i for g in range(groups) for i in range(per)], device=dev)
+    constants = torch.tensor([g * per_group + 2 * per + 2 * j for g in range(groups) for j in range(pairs)], device=dev)
     taps = comps.view(3, 2, 2, 2, 2, channels).permute(5, 0, 2, 4, 1, 3).reshape(channels, 12, 2, 2)
     down = enc.down_blocks[1].downsamplers[0].conv
     down.weight[plus, :12, :2, :2], down.weight[plus + 1, :12, :2, :2] = taps, -taps
@@ -97,7 +99,7 @@ def wire_encoder(vae, mean: torch.Tensor, comps: torch.Tensor, logvar: float) ->
     # deviation gives each signal channel back unchanged (the constants' weights stay 0: they leave as 0).
     norm, out = enc.conv_norm_out, enc.conv_out
     norm.weight[plus] = norm.weight[plus + 1] = CONSTANT * math.sqrt(2 * pairs / per_group)
-    k = torch.arange(channels)
+    k = torch.arange(channels, device=dev)
     out.weight[k, plus, 1, 1], out.weight[k, plus + 1, 1, 1] = 1.0, -1.0  # SiLU(s) - SiLU(-s) = s
     out.bias[channels:] = logvar
     vae.quant_conv.weight.zero_()
