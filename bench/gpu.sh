@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU run (issue "GPU speed"): on a machine with a CUDA torch (no hub, no gradio), build a Stable
 # Diffusion 1.5-architecture folder with random weights in diffusers layout, run the protect and attack benchmarks
-# and the app's whole loop on it, and print one table. Designed for about 9 minutes on an H100-class GPU (not yet
-# run on one: no GPU was lent to the sessions that wrote it).
+# and the app's whole loop on it, and print one table. The quick settings' benchmarks took about 6 minutes on one
+# H200 (docs/RESULTS.md, "On one GPU"), ASPL and the loop stopped by their limits; the full settings take longer.
 #
 #   bash bench/gpu.sh            # full settings: LDU 50 iterations, LoRA 400 steps, 8 generations
 #   QUICK=1 bash bench/gpu.sh    # fewer iterations and steps; per-step times extrapolated, and labelled so
+#   SMOKE=1 bash bench/gpu.sh    # tiny on this CPU: checks the script in about a minute, times nothing
+#   STEP_LIMIT=300               # seconds each benchmark may take (default 300) before it is stopped and reported
 #
 # Missing pure-Python packages (diffusers, peft, pypng) may travel as wheels in .whl/ (bench/README lines below):
 #   python3 -m pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 pypng==0.20220715.0
