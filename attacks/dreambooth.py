@@ -127,6 +127,12 @@ def dreambooth(backbone, views: torch.Tensor, p: DreamBoothParams, workdir, call
     return AttackOutput(kind="dreambooth", token=p.token, prompt=p.instance_prompt, train_curve=curve)
 
 
+# pocket's prior: captions of its training data's other scene kinds, none of them a built-in subject's class
+POCKET_PRIOR = ("a photo of galaxies in space;a photo of a retina;a blue square on a yellow background;"
+                "a green triangle on a black background;a white circle on a purple background;"
+                "a black and white photo of a clock;a drawing of a black horse;a microscope photo of cells")
+
+
 def cost(p: DreamBoothParams) -> float:
     """UNet forward+backward equivalents of one run (the backward goes through the whole UNet whichever weights train)."""
     return p.steps * p.batch_size * 1.5 * (2 if p.prior_preservation else 1)
@@ -140,9 +146,13 @@ ATTACK = Attack(
     summary="Full DreamBooth: fine-tune a copy of the whole UNet (optionally the text encoder); big GPU at SD size",
     # pocket: at lr 5e-4, 400 steps learn a subject's colours and placement (teal blobs for the robot); 900 draw the
     # kite, the cat's fur and eyes and the coffee cup (the robot as a teal figure) in about a minute; a larger or
-    # decaying lr, or more images a step, do not (docs/RESULTS.md). The CPU backbones need no activation memory
-    # saved: checkpointing off is 1.5x faster on pocket.
+    # decaying lr, or more images a step, do not (docs/RESULTS.md). Without a prior every other prompt drifts toward
+    # the subject more than the instance prompt does; a prior of 24 base-model images of eight captions from other
+    # scene kinds (not the empty caption: holding its branch washes the guided generations out), at weight 0.3,
+    # keeps them where they were at the same gap (docs/RESULTS.md, "pocket v3", 15 pairs). The CPU backbones need no
+    # activation memory saved: checkpointing off is 1.5x faster on pocket.
     defaults={"tiny": dict(steps=10, lr=1e-4, num_class_images=4, gradient_checkpointing=False),
-              "pocket": dict(steps=900, lr=5e-4, gradient_checkpointing=False)},
+              "pocket": dict(steps=900, lr=5e-4, gradient_checkpointing=False, prior_preservation=True,
+                             class_prompt=POCKET_PRIOR, prior_loss_weight=0.3, num_class_images=24)},
     cost=cost,
 )

@@ -62,7 +62,8 @@ class AttackParams:
 
 # The attack the app, the CLIs and the grid run when none is named, per backbone kind. On pocket v2 a LoRA of the UNet
 # (rank 4-32, lr 3e-4 to 5e-3, with or without the text encoder) learned little of a subject; full DreamBooth at lr
-# 5e-4 for 900 steps draws three of the five built-in subjects in about a minute (docs/RESULTS.md).
+# 5e-4 for 900 steps draws three of the five built-in subjects in about a minute, and with pocket's 8-caption prior
+# (attacks/dreambooth.py) the other prompts stay off the subject (docs/RESULTS.md).
 DEFAULT_ATTACK = {"pocket": "dreambooth"}
 
 
@@ -94,11 +95,12 @@ def get_attack(name: str) -> Attack:
     return attacks.entry(name)
 
 
-def aimed(attack: str, noun: str, params: dict | None = None) -> dict:
+def aimed(attack: str, noun: str, params: dict | None = None, kind: str | None = None) -> dict:
     """An attack's parameter overrides aimed at a subject of class `noun`, plus `params` (which win), keeping
-    only the names the attack has."""
+    only the names the attack has. `kind`: the backbone's kind; a prompt the attack's defaults for that kind set
+    (pocket's DreamBooth names its own class prompts) is kept, not replaced by the noun's."""
     entry = get_attack(attack)
-    names = {f.name for f in dataclasses.fields(entry.params)}
+    names = {f.name for f in dataclasses.fields(entry.params)} - set(entry.defaults.get(kind, {}))
     return {**{k: v for k, v in entry.prompts(noun).items() if k in names}, **(params or {})}
 
 

@@ -10,7 +10,8 @@
 #   STEP_LIMIT=300               # seconds each benchmark may take (default 300) before it is stopped and reported
 #
 # Missing pure-Python packages (diffusers, peft, pypng) may travel as wheels in .whl/ (bench/README lines below):
-#   python3 -m pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 pypng==0.20220715.0
+#   python3 -m pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 pypng==0.20220715.0 importlib_metadata
+#   (the H200 image of 2026-12 has torch, transformers, peft and accelerate, but not diffusers, pypng, importlib_metadata)
 set -uo pipefail  # not -e: one failing benchmark is reported and the others still run
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then

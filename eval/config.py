@@ -207,7 +207,7 @@ def quick(image_set: dict, backbone: str, chosen_methods: list[str], chosen_puri
     raw = {"name": f"batch ({backbone})", "image_sets": {"set": image_set}, "protect_backbone": backbone,
            "methods": [{"name": m, "params": {"prompt": f"a photo of sks {noun}"}} for m in chosen_methods],
            "purifications": ["none", *chosen_purifications],
-           "attacks": [{"name": attack, "params": aimed(attack, noun, {"steps": int(steps)})}],
+           "attacks": [{"name": attack, "params": aimed(attack, noun, {"steps": int(steps)}, kind=kind_of(backbone))}],
            "generate": {"n": generations, "steps": 25 if backbone != "tiny" else 2, "guidance": 4.0},
            "metrics": ["psnr", "ssim", "linf", "rms", "lpips", "thumb_distance", "clip_i"],
            "seeds": list(range(int(seeds))), **({"match_psnr": match_psnr} if match_psnr else {})}

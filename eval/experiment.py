@@ -88,7 +88,7 @@ def generation_settings(backbone, setup: Setup) -> tuple[int, float]:
 
 def attack_params(backbone, setup: Setup) -> dict:
     """The attack's overrides: aimed at the subject's noun, the experiment's seed, then the setup's own."""
-    return aimed(setup.attack, setup.noun, {"seed": setup.seed, **setup.attack_params})
+    return aimed(setup.attack, setup.noun, {"seed": setup.seed, **setup.attack_params}, kind=backbone.kind)
 
 
 def instance_prompt(backbone, setup: Setup) -> str:

@@ -174,6 +174,28 @@ def test_existing_adapter_folder_is_not_replaced_silently(tiny, views, tmp_path)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+def test_a_prompt_the_kind_defaults_set_is_not_replaced_by_the_subject_noun():
+    """pocket's DreamBooth names its own prior captions: aiming it at a subject sets the instance prompt and keeps
+    them (the noun's "a photo of a robot" would undo the kind's choice); elsewhere the noun's class prompt stays, and
+    a caller's own value always wins. The experiment (app, CLI, grid) aims through the same function."""
+    from types import SimpleNamespace
+
+    from attacks.dreambooth import POCKET_PRIOR
+    from attacks.train import aimed, get_attack
+    from eval.experiment import attack_params
+
+    db = get_attack("dreambooth")
+    on_pocket = db.make_params("pocket", **aimed("dreambooth", "robot", {"seed": 1}, kind="pocket"))
+    assert on_pocket.class_prompt == POCKET_PRIOR and on_pocket.prior_preservation
+    assert on_pocket.instance_prompt == "a photo of sks robot" and on_pocket.seed == 1
+    assert aimed("dreambooth", "robot", kind="sd")["class_prompt"] == "a photo of a robot"
+    assert aimed("lora_dreambooth", "robot", kind="pocket")["class_prompt"] == "a photo of a robot"
+    assert aimed("dreambooth", "robot", {"class_prompt": "a cat"}, kind="pocket")["class_prompt"] == "a cat"
+    setup = SimpleNamespace(attack="dreambooth", noun="robot", seed=2, attack_params={})
+    assert "class_prompt" not in attack_params(SimpleNamespace(kind="pocket"), setup)
+    assert attack_params(SimpleNamespace(kind="sd"), setup)["class_prompt"] == "a photo of a robot"
+
+
 def test_prior_preservation_generates_and_caches_class_images(tiny, views, tmp_path, monkeypatch):
     import importlib
 

@@ -110,9 +110,10 @@ def test_ldu_raises_the_attacker_loss_far_beyond_the_draw_noise_of_the_gain(pock
 @pytest.mark.slow
 @pytest.mark.pins
 def test_the_default_attack_learns_a_subject_it_never_saw(pocket):
-    """Personalization is visible: the app's default attack (full DreamBooth, 900 steps) on 4 views of the robot
-    brings "a photo of sks robot" generations at least 60 % of the way from the base model to the held-out views
-    (16 x 16 thumbnails; 0.99 measured, 0.80-1.23 over the 14 measurable subject x seed pairs, docs/RESULTS.md)."""
+    """Personalization is visible: the app's default attack (full DreamBooth, 900 steps, pocket's 8-caption prior at
+    weight 0.3) on 4 views of the robot brings "a photo of sks robot" generations at least half of the way from the
+    base model to the held-out views (issue 16's goal; 16 x 16 thumbnails; 0.68 measured on this pair, 0.45-1.39 over
+    the 14 measurable subject x seed pairs, docs/RESULTS.md "pocket v3")."""
     from attacks import default_attack
     from eval.efficacy import personalization_row, subject_setup
     from eval.experiment import attack_side, reference
@@ -120,7 +121,7 @@ def test_the_default_attack_learns_a_subject_it_never_saw(pocket):
     setup = subject_setup(pocket, "robot", 0, default_attack("pocket"), {}, n_gen=8)
     setup.other_prompts = ()
     row = personalization_row(reference(pocket, setup), attack_side(pocket, setup, setup.train))
-    assert row["gap_closed"] >= 0.6, row
+    assert row["gap_closed"] >= 0.5, row
 
 
 @pytest.mark.slow
