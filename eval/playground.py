@@ -335,7 +335,8 @@ def attack_both(backbone, setup: experiment.Setup, protected_paths, purification
         step = None if callback is None else (lambda info, k=k: callback({**info, "seed": k + 1, "seeds": int(seeds)}))
         runs.append(experiment.paired(backbone, one, protected, purification=(purification, {}), callback=step, cache=cache))
     run = runs[0]
-    outputs = {"verdict": verdict(combine([r.result for r in runs]), seeds=len(runs)), "result": run.result,
+    outputs = {"verdict": verdict(combine([r.result for r in runs]), seeds=len(runs),
+                                  first=experiment.verdict_measure(backbone.kind)), "result": run.result,
                "results": [r.result for r in runs],
                "curves": (run.clean.train_curve, run.protected.train_curve),
                "generations": (run.clean.generations[run.clean.prompt], run.protected.generations[run.protected.prompt]),
@@ -369,18 +370,18 @@ def combine(results: list[dict]) -> dict:
     return out
 
 
-def verdict(result: dict, seeds: int = 1) -> str:
+def verdict(result: dict, seeds: int = 1, first: str = "prevented_loss") -> str:
     """The answer in words: how much less the attacker learned (± its spread over seeds), with the draw noise, or why
-    there is no answer."""
-    key, share = "prevented_loss", result.get("prevented_loss")
-    if share == experiment.NO_HELD_OUT:
+    there is no answer. `first`: the share read first (`experiment.verdict_measure(kind)`); the other one when that
+    one is unavailable (the attack did not show its learning there)."""
+    other = "prevented_generation" if first == "prevented_loss" else "prevented_loss"
+    key, share = first, result.get(first)
+    if experiment.NO_HELD_OUT in (result.get("prevented_loss"), result.get("prevented_generation")):
         return ("**No verdict:** there are no held-out photos of this subject, so what the attacker learned cannot "
                 "be measured on photos it never saw. Add a few other photos of the same subject under *Held-out "
                 "photos*, or try an example subject. The generations below are still what each attack produced.")
-    if isinstance(share, str) and not isinstance(result.get("prevented_generation"), str):
-        # the loss did not show the learning (full DreamBooth on pocket over-fits its views and raises the held-out
-        # loss), the generations did: judge on them
-        key, share = "prevented_generation", result.get("prevented_generation")
+    if (share is None or isinstance(share, str)) and isinstance(result.get(other), (int, float)):
+        key, share = other, result.get(other)
     if share is None or isinstance(share, str):
         return ("**No verdict:** the attack on the clean photos learned too little to measure a difference (its "
                 "effect is within the draw noise). Try more training steps.")

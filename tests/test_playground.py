@@ -138,6 +138,25 @@ def test_a_built_in_subject_is_recognised_by_content_not_name(tmp_path):
     assert pg.builtin_subject([str(other)]) is None  # the right name, other pixels
 
 
+def test_the_verdict_reads_the_share_its_backbone_kind_names_first():
+    """On pocket the held-out loss does not follow what the default attack learns (a share of its small change reads
+    100-200 %): the verdict reads the generations' share first there, and the loss only when that is unavailable."""
+    from eval.experiment import NO_HELD_OUT, TOO_LITTLE, verdict_measure
+
+    assert verdict_measure("pocket") == "prevented_generation" and verdict_measure("sd") == "prevented_loss"
+    both = {"prevented_loss": 2.07, "prevented_loss_noise": 0.1, "prevented_generation": 0.05,
+            "prevented_generation_noise": 0.04}
+    assert pg.verdict(both).startswith("**The attacker learned 207 % less")
+    on_gen = pg.verdict(both, first="prevented_generation")
+    assert on_gen.startswith("**No measurable protection") and "generations' likeness" in on_gen and "207" not in on_gen
+    no_gen = {**both, "prevented_generation": TOO_LITTLE}
+    assert pg.verdict(no_gen, first="prevented_generation").startswith("**The attacker learned 207 % less")
+    none = {"prevented_loss": TOO_LITTLE, "prevented_generation": TOO_LITTLE}
+    assert "more training steps" in pg.verdict(none, first="prevented_generation")
+    assert "held-out" in pg.verdict({"prevented_loss": NO_HELD_OUT, "prevented_generation": NO_HELD_OUT},
+                                    first="prevented_generation")
+
+
 def test_several_seeds_give_a_spread_in_the_verdict():
     r = pg.combine([{"prevented_loss": 0.4, "prevented_loss_noise": 0.05}, {"prevented_loss": 0.2, "prevented_loss_noise": 0.03}])
     assert r["prevented_loss"] == pytest.approx(0.3) and r["prevented_loss_spread"] == pytest.approx(0.1414, abs=1e-3)
