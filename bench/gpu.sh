@@ -30,7 +30,8 @@ else
   GPU=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
 fi
 OUT=${OUT:-/tmp/ldu-gpu-bench}; mkdir -p "$OUT"
-if [ -n "${SMOKE:-}" ]; then IT=2; STEPS=6; NGEN=2; LABEL="smoke";
+ASPL_IT=""; GEN_PRESET=sd15; GEN_STEPS=3  # the amortised generator: SD 1.5's preset, 3 timed training steps
+if [ -n "${SMOKE:-}" ]; then IT=2; STEPS=6; NGEN=2; LABEL="smoke"; ASPL_IT=1; GEN_PRESET=cpu; GEN_STEPS=1;
 elif [ -n "${QUICK:-}" ]; then IT=10; STEPS=60; NGEN=8; LABEL="quick (extrapolated from 10 iterations / 60 steps)";
 else IT=50; STEPS=400; NGEN=8; LABEL=full; fi
 LIMIT=${STEP_LIMIT:-300}  # seconds each benchmark may take before it is stopped and reported as such
@@ -44,9 +45,8 @@ step() {  # step NAME COMMAND...: run one benchmark into $OUT/NAME.txt; a failur
 }
 
 step protect python3 bench/protect.py $M $DEV $DT --methods ldu,advdm,photoguard_encoder,mist,pid --iterations $IT
-step aspl python3 bench/protect.py $M $DEV $DT --methods aspl --images 4 --iterations $( [ -n "${SMOKE:-}" ] && echo 1 || echo $IT )
-step amortised python3 bench/amortised.py $R $DEV $DT --preset $( [ -n "${SMOKE:-}" ] && echo cpu || echo sd15 ) \
-  --batch 4 --train-steps $( [ -n "${SMOKE:-}" ] && echo 1 || echo 3 ) --images 1,8
+step aspl python3 bench/protect.py $M $DEV $DT --methods aspl --images 4 --iterations ${ASPL_IT:-$IT}
+step amortised python3 bench/amortised.py $R $DEV $DT --preset $GEN_PRESET --batch 4 --train-steps $GEN_STEPS --images 1,8
 step attack python3 bench/attack.py $M $DEV $DT --steps $((STEPS < 60 ? STEPS : 60))
 step loop python3 bench/loop.py $M $DEV $DT --iterations $IT --steps $STEPS --n-gen $NGEN
 echo
