@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train (or resume) the pocket backbone; writes DIR/pipeline")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: about 2 h on 2 cores; gpu: larger batches and text encoder, about 7 min on one H200 "
-                        "(projected from a shortened run, docs/RESULTS.md)")
+                   help="cpu: about 2 h on 2 cores; gpu: larger batches and text encoder, 7.3 min on one H200 "
+                        "(measured with v3's flags, docs/RESULTS.md)")
     t.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--vae-steps", type=int, default=None)
