@@ -28,7 +28,8 @@ def main() -> None:
                     help="comma-separated registry names (default: the optimising methods; the generator has "
                          "bench/amortised.py)")
     ap.add_argument("--images", type=int, default=1, help="batch size (images of one subject)")
-    ap.add_argument("--iterations", type=int, default=None, help="override each method's iterations")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="override each method's effort: the field the app's slider sets (iterations; ASPL's rounds)")
     ap.add_argument("--draws", type=int, default=None, help="override m (default: the method's default)")
     ap.add_argument("--no-checkpoint", action="store_true", help="keep UNet activations (more memory, less time)")
     ap.add_argument("--batch-photos", action="store_true", help="protect the photos in one computation (protect(batch_photos=True))")
@@ -42,7 +43,7 @@ def main() -> None:
     rows = []
     for name in args.methods.split(","):
         m = methods[name]
-        overrides = {k: v for k, v in (("iterations", args.iterations), ("draws", args.draws)) if v is not None}
+        overrides = {k: v for k, v in ((m.effort_field, args.iterations), ("draws", args.draws)) if v is not None}
         if args.no_checkpoint:
             overrides["checkpoint"] = False
         params = m.make_params(bb.kind, **{k: v for k, v in overrides.items() if hasattr(m.params, k)})
