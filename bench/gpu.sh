@@ -2,7 +2,8 @@
 # One prepared GPU run (issue "GPU speed"): on a machine with a CUDA torch (no hub, no gradio), build a Stable
 # Diffusion 1.5-architecture folder with random weights in diffusers layout, run the protect and attack benchmarks
 # and the app's whole loop on it, and print one table. The quick settings' benchmarks took about 6 minutes on one
-# H200 (docs/RESULTS.md, "On one GPU"), ASPL and the loop stopped by their limits; the full settings take longer.
+# H200 (docs/RESULTS.md, "On one GPU"); the loop alone, quick, 107 s; ASPL stopped by its limit there because
+# --iterations did not reach its rounds (fixed since); the full settings take longer.
 #
 #   bash bench/gpu.sh            # full settings: LDU 50 iterations, LoRA 400 steps, 8 generations
 #   QUICK=1 bash bench/gpu.sh    # fewer iterations and steps; per-step times extrapolated, and labelled so

@@ -111,8 +111,8 @@ def test_ldu_raises_the_attacker_loss_far_beyond_the_draw_noise_of_the_gain(pock
 @pytest.mark.pins
 def test_the_default_attack_learns_a_subject_it_never_saw(pocket):
     """Personalization is visible: the app's default attack (full DreamBooth, 900 steps, pocket's 8-caption prior at
-    weight 0.3) on 4 views of the robot brings "a photo of sks robot" generations at least half of the way from the
-    base model to the held-out views (issue 16's goal; 16 x 16 thumbnails; 0.68 measured on this pair, 0.45-1.39 over
+    weight 0.2) on 4 views of the robot brings "a photo of sks robot" generations at least half of the way from the
+    base model to the held-out views (issue 16's goal; 16 x 16 thumbnails; 0.80 measured on this pair, 0.61-2.16 over
     the 14 measurable subject x seed pairs, docs/RESULTS.md "pocket v3")."""
     from attacks import default_attack
     from eval.efficacy import personalization_row, subject_setup
