@@ -65,6 +65,7 @@ def main() -> None:
     rows.append({"stage": "the whole loop", "seconds": f"{total:.1f}", "status": attack.message.splitlines()[0][:70]})
     print(f"backbone {bb.spec} ({bb.resolution}px, {str(bb.dtype).replace('torch.', '')}, {args.device})")
     print_table(rows, ["stage", "seconds", "status"])
+    print("verdict:", attack.message.splitlines()[0])  # whole: the table cuts it at 70 characters
 
 
 if __name__ == "__main__":
