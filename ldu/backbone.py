@@ -65,7 +65,8 @@ class BackboneError(RuntimeError):
 class Backbone:
     """A frozen latent diffusion model plus the few helpers the protection methods and attacks share.
 
-    `kind` is "tiny", "pocket" or "sd" (anything loaded from a hub id or a folder); methods pick their
+    `kind` is "tiny", "pocket" (the built-in, or a folder `python -m ldu.pocket train` wrote) or "sd" (anything else
+    loaded from a hub id or a folder); methods pick their
     default parameters by it. `calls` counts model evaluations (batched calls, and samples in them).
     """
 
@@ -304,7 +305,22 @@ def resolve_spec(spec: str | None) -> tuple[str, str | None]:
 
 def kind_of(spec: str | None) -> str:
     """The kind a spec loads as ("tiny", "pocket" or "sd"), without loading it."""
-    return resolved if (resolved := resolve_spec(spec)[0]) in BUILTIN else "sd"
+    resolved = resolve_spec(spec)[0]
+    if resolved in BUILTIN:
+        return resolved
+    p = Path(resolved).expanduser()
+    return folder_kind(p) if p.is_dir() else "sd"
+
+
+def folder_kind(p: Path) -> str:
+    """A local folder's kind: "pocket" when `python -m ldu.pocket train` wrote it (its training.json, with the model's
+    config, beside the components), so that it gets pocket's defaults (attack, generation settings, verdict) as the
+    built-in does; "sd" for any other folder."""
+    try:
+        config = json.loads((p / "training.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a JSON object
+        return "sd"
+    return "pocket" if isinstance(config, dict) and "latent_channels" in config else "sd"
 
 
 def best_builtin() -> str:
@@ -341,6 +357,9 @@ def load_backbone(spec: str | None = None, device: str | torch.device | None = N
             "Built-in 'tiny' backbone: random weights, its images are noise and its numbers mean nothing."
             if kind == "tiny"
             else "Built-in 'pocket' backbone: a 64 px miniature trained on a handful of public images; real protection needs SD on a GPU."
+            if resolved in BUILTIN
+            else f"A pocket model ({path}, trained by `python -m ldu.pocket train`): a 64 px miniature with pocket's "
+                 "defaults; real protection needs SD on a GPU."
         )
     bb = _load_components(resolved, path, kind, rev, device, dtype)
     bb.notice = notice
@@ -361,7 +380,7 @@ def _locate(spec: str, revision: str | None) -> tuple[Path, str, str]:
         missing = [c for c in COMPONENTS if not (p / c).is_dir()]
         if missing:
             raise BackboneError(f"{spec}: not a Stable Diffusion folder in diffusers layout (missing {', '.join(c + '/' for c in missing)})")
-        return p, "sd", _folder_revision(p)
+        return p, folder_kind(p), _folder_revision(p)
     return _download(spec, revision)
 
 

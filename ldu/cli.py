@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import BUILTIN, BackboneError, load_backbone, resolve_spec
+from .backbone import BackboneError, kind_of, load_backbone, resolve_spec
 from .io import DEFAULT_MAX_PIXELS, ImageLoadError, expand_inputs, load_image, load_images
 from .methods import Cancelled, get_method, methods
 from .protect import MAX_JOB_PIXELS, output_names, protect, squeezed_note
@@ -110,11 +110,6 @@ def fmt_value(v) -> str:
         frac = Fraction(v).limit_denominator(255)
         return f"{v:.6g}" + (f" ({frac})" if frac.denominator == 255 and abs(float(frac) - v) < 1e-12 else "")
     return repr(v) if isinstance(v, str) else str(v)
-
-
-def kind_of(spec: str | None) -> str:
-    resolved = resolve_spec(spec)[0]
-    return resolved if resolved in BUILTIN else "sd"
 
 
 def _overrides(args, params_cls) -> dict:

@@ -1,3 +1,4 @@
+import shutil
 import warnings
 
 import pytest
@@ -46,6 +47,22 @@ def test_folder_that_is_not_a_diffusers_model(tmp_path):
 def test_local_folder_loads(tiny):
     bb = load_backbone(str(BUILTIN["tiny"]), device="cpu")
     assert bb.kind == "sd" and bb.revision == tiny.revision
+
+
+def test_a_folder_pocket_train_wrote_loads_as_pocket_and_any_other_folder_as_sd(tmp_path):
+    """A retrained pocket (`python -m ldu.pocket train` writes training.json with its config beside the components)
+    gets pocket's defaults (its attack, generation settings, verdict), not Stable Diffusion's."""
+    from ldu.backbone import kind_of
+
+    mine = tmp_path / "mine"
+    shutil.copytree(BUILTIN["pocket"], mine)
+    assert kind_of(str(mine)) == "pocket"
+    bb = load_backbone(str(mine), device="cpu")
+    assert bb.kind == "pocket" and "ldu.pocket train" in bb.notice and str(mine) in bb.notice
+    (mine / "training.json").write_text("[1, 2]")  # not what the trainer writes
+    assert kind_of(str(mine)) == "sd"
+    (mine / "training.json").unlink()
+    assert kind_of(str(mine)) == "sd" and load_backbone(str(mine), device="cpu").kind == "sd"
 
 
 def test_no_spec_offline_falls_back_loudly(monkeypatch):
