@@ -95,9 +95,9 @@ def get_attack(name: str) -> Attack:
     return attacks.entry(name)
 
 
-def aimed(attack: str, noun: str, params: dict | None = None, kind: str | None = None) -> dict:
+def aimed(attack: str, noun: str, params: dict | None = None, *, kind: str) -> dict:
     """An attack's parameter overrides aimed at a subject of class `noun`, plus `params` (which win), keeping
-    only the names the attack has. `kind`: the backbone's kind; a prompt the attack's defaults for that kind set
+    only the names the attack has. `kind` (required, so no caller forgets it): the backbone's kind; a prompt the attack's defaults for that kind set
     (pocket's DreamBooth names its own class prompts) is kept, not replaced by the noun's."""
     entry = get_attack(attack)
     names = {f.name for f in dataclasses.fields(entry.params)} - set(entry.defaults.get(kind, {}))

@@ -81,8 +81,9 @@ class Setup:
 GENERATION = {"tiny": (2, 4.0), "pocket": (25, 4.0), "sd": (50, 7.5)}  # kind -> (DDIM steps, guidance)
 # kind -> the share the app's verdict reads first (the other when that one is unavailable). On pocket the held-out
 # loss does not follow what its default attack learns (it rises on 15 of 15 pairs without the prior and changes sign
-# between seeds with it, by a few % of its value), while the generations close the gap on 13 of 14 pairs
-# (docs/RESULTS.md, "pocket v3"): a share of such a small loss change reads 100-200 %.
+# between seeds with it, by a few % of its value), while the generations close at least half the gap on 14 of 14
+# measurable pairs (docs/RESULTS.md, "pocket v3", the prior at weight 0.2): a share of such a small loss change reads
+# 100-200 %.
 VERDICT_ON = {"pocket": "prevented_generation"}
 
 
