@@ -495,7 +495,7 @@ def build() -> gr.Blocks:
                 purification = gr.Dropdown(["none", *purifications.listed()], value="none", label="Purify the protected photos first")
                 attack_seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 n_gen = gr.Slider(2, 8, value=4, step=1, label="Generations")
-                attack_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds (more: a spread, and more time)")
+                attack_seeds = gr.Slider(1, 5, value=1, step=1, label="Seeds (1: a lean; 3 for a verdict, 3× the time)")
             attack_eta = gr.Markdown(elem_id="attack-estimate")
             with gr.Row():
                 attack_go = gr.Button("Attack both", variant="primary", elem_id="attack")

@@ -101,16 +101,22 @@ def test_controls_set_the_declared_fields():
 def test_the_verdict_says_what_happened_with_its_noise():
     from eval.experiment import NO_HELD_OUT, TOO_LITTLE
 
-    assert pg.verdict({"prevented_loss": 0.38, "prevented_loss_noise": 0.05}).startswith("**The attacker learned 38 % less")
-    assert "±5 %" in pg.verdict({"prevented_loss": 0.38, "prevented_loss_noise": 0.05})
+    # one seed: a lean, never a headline verdict (the attack's run-to-run spread is not in the draw noise)
+    one = pg.verdict({"prevented_loss": 0.38, "prevented_loss_noise": 0.05})
+    assert one.startswith("**One run leans toward protection, not yet a verdict:** the attacker learned 38 % less")
+    assert "±5 %" in one and "use 3 seeds" in one
+    assert pg.verdict({"prevented_loss": 0.38, "prevented_loss_noise": 0.05}, seeds=3).startswith("**The attacker learned 38 % less")
     assert pg.verdict({"prevented_loss": 0.03, "prevented_loss_noise": 0.04}).startswith("**No measurable protection")
-    assert pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05}).startswith("**The protection helped the attacker")
+    assert pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05}).startswith("**One run leans the other way")
+    assert "learned 40 % more" in pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05})
+    assert pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05}, seeds=2).startswith("**The protection helped the attacker")
     assert "held-out" in pg.verdict({"prevented_loss": NO_HELD_OUT}) and "more training steps" in pg.verdict({"prevented_loss": TOO_LITTLE})
     both = {"prevented_loss": TOO_LITTLE, "prevented_generation": TOO_LITTLE}
     assert "more training steps" in pg.verdict(both)
     # the loss did not show the learning, the generations did: the verdict reads them, and says so
     text = pg.verdict({"prevented_loss": TOO_LITTLE, "prevented_generation": 0.5, "prevented_generation_noise": 0.1})
-    assert text.startswith("**The attacker learned 50 % less") and "generations' likeness" in text and "±10 %" in text
+    assert text.startswith("**One run leans toward protection") and "learned 50 % less" in text
+    assert "generations' likeness" in text and "±10 %" in text
     assert "use 3 seeds" in text and "use 3 seeds" not in pg.verdict({"prevented_loss": 0.5}, seeds=3)
 
 
@@ -146,11 +152,11 @@ def test_the_verdict_reads_the_share_its_backbone_kind_names_first():
     assert verdict_measure("pocket") == "prevented_generation" and verdict_measure("sd") == "prevented_loss"
     both = {"prevented_loss": 2.07, "prevented_loss_noise": 0.1, "prevented_generation": 0.05,
             "prevented_generation_noise": 0.04}
-    assert pg.verdict(both).startswith("**The attacker learned 207 % less")
-    on_gen = pg.verdict(both, first="prevented_generation")
+    assert pg.verdict(both, seeds=3).startswith("**The attacker learned 207 % less")
+    on_gen = pg.verdict(both, seeds=3, first="prevented_generation")
     assert on_gen.startswith("**No measurable protection") and "generations' likeness" in on_gen and "207" not in on_gen
     no_gen = {**both, "prevented_generation": TOO_LITTLE}
-    assert pg.verdict(no_gen, first="prevented_generation").startswith("**The attacker learned 207 % less")
+    assert pg.verdict(no_gen, seeds=3, first="prevented_generation").startswith("**The attacker learned 207 % less")
     none = {"prevented_loss": TOO_LITTLE, "prevented_generation": TOO_LITTLE}
     assert "more training steps" in pg.verdict(none, first="prevented_generation")
     assert "held-out" in pg.verdict({"prevented_loss": NO_HELD_OUT, "prevented_generation": NO_HELD_OUT},
