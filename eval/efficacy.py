@@ -134,6 +134,8 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "gap_closed_views_mean": nan_if_none(experiment.gap_closed(b, b["views_mean_distance"])
                                              if "views_mean_distance" in b else None),
         "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
+        # the training views' own retrieval: the measure's ceiling on this pair (an attack that drew them exactly)
+        "retrieval_train_views": b.get("train_views_retrieval", float("nan")),
         "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],
         "instance_prompt_toward_other_subjects": toward_rest(base.prompt, clean.prompt),
@@ -193,7 +195,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
             checkpoint()
             log(f"{name} seed {seed}: gap closed {row['gap_closed']:.2f} (the views' mean image: "
                 f"{row['gap_closed_views_mean']:.2f}), retrieval {row['retrieval_attacked']:.2f} "
-                f"(base {row['retrieval_base']:.2f}), {time.perf_counter() - t0:.0f} s")
+                f"(base {row['retrieval_base']:.2f}, the training views {row['retrieval_train_views']:.2f}), "
+                f"{time.perf_counter() - t0:.0f} s")
             if pictures is not None and seed == seeds[0]:
                 pictures.mkdir(parents=True, exist_ok=True)
                 # rows: training views, held-out views, base generations, attacked generations
@@ -442,8 +445,9 @@ def print_summary(summary: dict, file=None) -> None:
         for s, d in summary.get("personalization_per_subject", {}).items():
             f = lambda k, fmt=".2f": "–" if d[k]["mean"] is None else format(d[k]["mean"], fmt)  # noqa: E731
             views_mean = f" (the views' mean image {f('gap_closed_views_mean')})" if "gap_closed_views_mean" in d else ""
+            ceiling = f" (the training views {f('retrieval_train_views')})" if "retrieval_train_views" in d else ""
             print(f"  {s:<10} gap closed {f('gap_closed')} ± {d['gap_closed']['std'] or 0:.2f}{views_mean}, retrieval "
-                  f"{f('retrieval_attacked')}, other prompts toward the subject {f('other_prompts_toward_subject', '+.3f')} "
+                  f"{f('retrieval_attacked')}{ceiling}, other prompts toward the subject {f('other_prompts_toward_subject', '+.3f')} "
                   f"vs the instance prompt {f('instance_prompt_toward_subject', '+.3f')}", file=file)
         for q, d in summary.get("personalization_per_prompt", {}).items():
             g = lambda k, fmt="+.3f": "–" if d[k]["mean"] is None else format(d[k]["mean"], fmt)  # noqa: E731

@@ -157,10 +157,7 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
         m["other_prompts_distance"] = statistics.fmean(m["other_prompt_distances"].values())
     if setup.subjects:
         views = {n: thumbnails(v, THUMB) for n, v in setup.subjects.items()}  # every subject's held-out views, once
-        pool = torch.cat(list(views.values()))
-        owner = [n for n in views for _ in setup.subjects[n]]
-        closest = torch.cdist(thumbs[prompt], pool).argmin(1).tolist()
-        m["retrieval"] = statistics.fmean(float(owner[i] == setup.subject) for i in closest)
+        m["retrieval"] = recognised(thumbs[prompt], views, setup.subject)
         # how near each prompt's generations are to the *other* subjects' views: a move toward every subject alike is
         # a move toward what the subjects share (a common look), not toward this one
         rest = [t for n, t in views.items() if n != setup.subject]
@@ -168,6 +165,14 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
             m["distance_to_other_subjects"] = {p: statistics.fmean(float(nearest(p, t).mean()) for t in rest)
                                                for p in prompts}
     return m, gens
+
+
+def recognised(thumbs: torch.Tensor, views: dict, subject: str) -> float:
+    """The share of `thumbs` (thumbnails) whose nearest view among every subject's held-out views ({name: thumbnails})
+    is one of `subject`'s: the retrieval measure."""
+    pool = torch.cat(list(views.values()))
+    owner = [n for n, t in views.items() for _ in range(len(t))]
+    return statistics.fmean(float(owner[i] == subject) for i in torch.cdist(thumbs, pool).argmin(1).tolist())
 
 
 @dataclass
@@ -196,6 +201,12 @@ def reference(backbone, setup: Setup, callback=None) -> Side:
         # the training views' pixel mean, one blurred image: what learning only their average colours and layout
         # scores (nearer the held-out views than the views themselves on pocket's subjects: a distance rewards blur)
         m["views_mean_distance"] = nearest(torch.stack(list(setup.train)).float().mean(0, keepdim=True))
+        if setup.subjects:
+            # the retrieval of the training views themselves: what an attack that drew exactly the subject's photos
+            # would score, the measure's own ceiling on this subject (pixels at 16 x 16 confuse subjects that share
+            # backgrounds, and a crop of a cat with other crops)
+            views = {n: thumbnails(v, THUMB) for n, v in setup.subjects.items()}
+            m["train_views_retrieval"] = recognised(thumbnails(setup.train, THUMB), views, setup.subject)
     return Side(m, gens, prompt)
 
 

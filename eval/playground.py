@@ -423,6 +423,8 @@ def result_rows(run) -> list[list]:
     ]
     if "retrieval" in c:
         rows.append(["generations recognised as the subject", percent(b["retrieval"]), percent(c["retrieval"]), percent(p["retrieval"])])
+    if "train_views_retrieval" in b:  # what the measure makes of the subject's own photos: its ceiling
+        rows.append(["the training photos themselves, recognised as the subject", percent(b["train_views_retrieval"]), "", ""])
     return rows
 
 

@@ -216,6 +216,7 @@ def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny, t
     summary = summarize(report)
     pers = summary["personalization"]
     assert len(pers["gap_closed"]["values"]) == 2 and pers["retrieval_attacked"]["std"] >= 0
+    assert all(0 <= v <= 1 for v in pers["retrieval_train_views"]["values"])  # the measure's ceiling, per pair
     assert summary["protection"]["pid"]["rows"] == 2 and np.isfinite(summary["protection"]["pid"]["psnr"]["mean"])
     # seed 1 run on its own gives the same numbers, so runs made apart merge into the one above (--merge)
     from eval.efficacy import merge

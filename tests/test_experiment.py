@@ -121,3 +121,30 @@ def test_built_in_subjects_held_out_views_share_no_source_pixels():
     a, _ = subject_views("robot", "train", 2, seed=5)
     b, _ = subject_views("robot", "train", 2, seed=5)
     assert np.array_equal(a, b)  # a pure function of (subject, split, index, seed)
+
+
+def test_retrieval_counts_what_lies_nearest_a_view_of_the_subject_and_reports_the_training_views_own(monkeypatch):
+    """`recognised`: the share of images whose nearest held-out view (over every subject) is the subject's. The
+    reference side reports it for the training views themselves, the measure's ceiling on that pair."""
+    from eval.experiment import THUMB, Setup, recognised, reference
+    from ldu.metrics import thumbnails
+
+    def flat(rgb, n):
+        return [torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, 64, 64).clone() for _ in range(n)]
+
+    views = {"red": thumbnails(flat((0.9, 0.1, 0.1), 3), THUMB), "blue": thumbnails(flat((0.1, 0.1, 0.9), 2), THUMB)}
+    probes = thumbnails(flat((0.8, 0.2, 0.2), 2) + flat((0.2, 0.2, 0.7), 1), THUMB)
+    assert recognised(probes, views, "red") == pytest.approx(2 / 3)
+    assert recognised(probes, views, "blue") == pytest.approx(1 / 3)
+
+    class Base:  # reference() reaches the model only through _measure: stand it in, the ceiling is pixels alone
+        kind = "tiny"
+
+    import eval.experiment as experiment
+
+    setup = Setup(train=flat((0.8, 0.2, 0.2), 3) + flat((0.2, 0.2, 0.7), 1), held_out=flat((0.9, 0.1, 0.1), 3),
+                  noun="thing", seed=0, attack="lora_dreambooth", attack_params={},
+                  subjects={"red": flat((0.9, 0.1, 0.1), 3), "blue": flat((0.1, 0.1, 0.9), 2)}, subject="red")
+    monkeypatch.setattr(experiment, "_measure", lambda backbone, setup, adapter, prompt, callback=None: ({}, {}))
+    side = reference(Base(), setup)
+    assert side.measures["train_views_retrieval"] == pytest.approx(3 / 4)
