@@ -392,7 +392,8 @@ def verdict(result: dict, seeds: int = 1, first: str = "prevented_loss") -> str:
     uncertain = max(2 * noise, spread or 0.0)
     shown = percent(abs(share), spread)
     if abs(share) <= uncertain:
-        return f"**No measurable protection on this run** ({percent(share, spread)}, within noise; {runs})."
+        more = " One seed can also miss an effect: use 3 seeds for a verdict." if seeds == 1 else ""
+        return f"**No measurable protection on this run** ({percent(share, spread)}, within noise; {runs}).{more}"
     if seeds == 1:
         # The draw noise is the measurement's; the attack's own run-to-run spread is not in it, and on pocket a
         # single run of the noise control (true share 0) spreads ±9-14 % over subjects x seeds (docs/RESULTS.md): one

@@ -107,6 +107,8 @@ def test_the_verdict_says_what_happened_with_its_noise():
     assert "±5 %" in one and "use 3 seeds" in one
     assert pg.verdict({"prevented_loss": 0.38, "prevented_loss_noise": 0.05}, seeds=3).startswith("**The attacker learned 38 % less")
     assert pg.verdict({"prevented_loss": 0.03, "prevented_loss_noise": 0.04}).startswith("**No measurable protection")
+    assert "use 3 seeds" in pg.verdict({"prevented_loss": 0.03, "prevented_loss_noise": 0.04})
+    assert "use 3 seeds" not in pg.verdict({"prevented_loss": 0.03, "prevented_loss_noise": 0.04}, seeds=3)
     assert pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05}).startswith("**One run leans the other way")
     assert "learned 40 % more" in pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05})
     assert pg.verdict({"prevented_loss": -0.4, "prevented_loss_noise": 0.05}, seeds=2).startswith("**The protection helped the attacker")
