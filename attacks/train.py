@@ -97,8 +97,9 @@ def get_attack(name: str) -> Attack:
 
 def aimed(attack: str, noun: str, params: dict | None = None, *, kind: str) -> dict:
     """An attack's parameter overrides aimed at a subject of class `noun`, plus `params` (which win), keeping
-    only the names the attack has. `kind` (required, so no caller forgets it): the backbone's kind; a prompt the attack's defaults for that kind set
-    (pocket's DreamBooth names its own class prompts) is kept, not replaced by the noun's."""
+    only the names the attack has. `kind` (required, so no caller forgets it): the backbone's kind; a prompt the
+    attack's defaults for that kind set (pocket's DreamBooth names its own class prompts) is kept, not replaced by
+    the noun's."""
     entry = get_attack(attack)
     names = {f.name for f in dataclasses.fields(entry.params)} - set(entry.defaults.get(kind, {}))
     return {**{k: v for k, v in entry.prompts(noun).items() if k in names}, **(params or {})}
