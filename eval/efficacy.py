@@ -136,6 +136,8 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "retrieval_base": b.get("retrieval", float("nan")), "retrieval_attacked": c.get("retrieval", float("nan")),
         # the training views' own retrieval: the measure's ceiling on this pair (an attack that drew them exactly)
         "retrieval_train_views": b.get("train_views_retrieval", float("nan")),
+        # whom the attacked generations are taken for, each subject's share: what a miss draws instead
+        "retrieved_as_attacked": c.get("retrieved_as", {}),
         "other_prompts_toward_subject": b.get("other_prompts_distance", float("nan")) - c.get("other_prompts_distance", float("nan")),
         "instance_prompt_toward_subject": b["gen_distance_mean"] - c["gen_distance_mean"],
         "instance_prompt_toward_other_subjects": toward_rest(base.prompt, clean.prompt),
@@ -143,6 +145,13 @@ def personalization_row(base: experiment.Side, clean: experiment.Side) -> dict:
         "seconds_attack": clean.adapter.seconds if clean.adapter else float("nan"),
         "per_prompt": per_prompt,
     }
+
+
+def taken_for(shares: dict, subject: str) -> str:
+    """The other subjects a run's generations were retrieved as, for its log line ("; the rest taken for kite 0.62,
+    robot 0.12"), or nothing when none was."""
+    rest = sorted(((v, n) for n, v in shares.items() if n != subject and v > 0), reverse=True)
+    return f"; the rest taken for {', '.join(f'{n} {v:.2f}' for v, n in rest)}" if rest else ""
 
 
 def picture(setup: experiment.Setup, rows: list, n: int = 8) -> torch.Tensor:
@@ -195,8 +204,8 @@ def run(backbone, subjects: list[str], seeds: list[int], methods: list[str], att
             checkpoint()
             log(f"{name} seed {seed}: gap closed {row['gap_closed']:.2f} (the views' mean image: "
                 f"{row['gap_closed_views_mean']:.2f}), retrieval {row['retrieval_attacked']:.2f} "
-                f"(base {row['retrieval_base']:.2f}, the training views {row['retrieval_train_views']:.2f}), "
-                f"{time.perf_counter() - t0:.0f} s")
+                f"(base {row['retrieval_base']:.2f}, the training views {row['retrieval_train_views']:.2f}"
+                f"{taken_for(row['retrieved_as_attacked'], name)}), {time.perf_counter() - t0:.0f} s")
             if pictures is not None and seed == seeds[0]:
                 pictures.mkdir(parents=True, exist_ok=True)
                 # rows: training views, held-out views, base generations, attacked generations
@@ -267,7 +276,8 @@ LATE = {"linf_ratio": lambda r: 2.0, "train_views": lambda r: TRAIN_VIEWS, "gene
         "other_prompts": lambda r: list(experiment.other_prompts(kind_of(r["model"]))) if "model" in r else None}
 
 # row fields recorded since a later version: a row from before lacks them, and that is no difference
-LATE_FIELDS = {"per_prompt", "instance_prompt_toward_other_subjects", "gap_closed_noise", "gap_closed_views_mean"}
+LATE_FIELDS = {"per_prompt", "instance_prompt_toward_other_subjects", "gap_closed_noise", "gap_closed_views_mean",
+               "retrieval_train_views", "retrieved_as_attacked"}
 
 
 def _close(a, b) -> bool:
@@ -357,7 +367,7 @@ def summarize(report: dict) -> dict:
     out: dict = {"personalization": {}, "protection": {}}
     pers = report["personalization"]
     if pers:
-        keys = [k for k in pers[0] if k not in ("subject", "seed", "per_prompt")]
+        keys = [k for k in pers[0] if k not in ("subject", "seed", "per_prompt", "retrieved_as_attacked")]
         out["personalization"] = {k: spread([r.get(k) for r in pers]) for k in keys}  # (a field a merged older run lacks)
         out["personalization_per_subject"] = {s: {k: spread([r.get(k) for r in pers if r["subject"] == s]) for k in keys}
                                               for s in dict.fromkeys(r["subject"] for r in pers)}

@@ -157,7 +157,8 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
         m["other_prompts_distance"] = statistics.fmean(m["other_prompt_distances"].values())
     if setup.subjects:
         views = {n: thumbnails(v, THUMB) for n, v in setup.subjects.items()}  # every subject's held-out views, once
-        m["retrieval"] = recognised(thumbs[prompt], views, setup.subject)
+        m["retrieved_as"] = recognised_as(thumbs[prompt], views)  # the retrieval, and whom a miss is taken for
+        m["retrieval"] = m["retrieved_as"][setup.subject]
         # how near each prompt's generations are to the *other* subjects' views: a move toward every subject alike is
         # a move toward what the subjects share (a common look), not toward this one
         rest = [t for n, t in views.items() if n != setup.subject]
@@ -167,12 +168,19 @@ def _measure(backbone, setup: Setup, adapter: Adapter | None, prompt: str, callb
     return m, gens
 
 
-def recognised(thumbs: torch.Tensor, views: dict, subject: str) -> float:
-    """The share of `thumbs` (thumbnails) whose nearest view among every subject's held-out views ({name: thumbnails})
-    is one of `subject`'s: the retrieval measure."""
+def recognised_as(thumbs: torch.Tensor, views: dict) -> dict:
+    """For each subject of `views` (every subject's held-out views, {name: thumbnails}), the share of `thumbs`
+    (thumbnails) whose nearest view is one of that subject's: what the images are taken for."""
     pool = torch.cat(list(views.values()))
     owner = [n for n, t in views.items() for _ in range(len(t))]
-    return statistics.fmean(float(owner[i] == subject) for i in torch.cdist(thumbs, pool).argmin(1).tolist())
+    nearest = [owner[i] for i in torch.cdist(thumbs, pool).argmin(1).tolist()]
+    return {n: nearest.count(n) / len(nearest) for n in views}
+
+
+def recognised(thumbs: torch.Tensor, views: dict, subject: str) -> float:
+    """The share of `thumbs` whose nearest view among every subject's held-out views is one of `subject`'s: the
+    retrieval measure."""
+    return recognised_as(thumbs, views)[subject]
 
 
 @dataclass

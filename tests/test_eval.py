@@ -198,6 +198,7 @@ def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny, t
     from PIL import Image
 
     from eval.efficacy import run, summarize
+    from ldu.subjects import SUBJECTS
 
     saved = []
     report = run(tiny, ["robot"], [0, 1], ["pid"], "lora_dreambooth", {"steps": 2}, method_params={"pid": {"iterations": 1}},
@@ -217,6 +218,11 @@ def test_efficacy_run_reports_every_subject_seed_and_method_with_spreads(tiny, t
     pers = summary["personalization"]
     assert len(pers["gap_closed"]["values"]) == 2 and pers["retrieval_attacked"]["std"] >= 0
     assert all(0 <= v <= 1 for v in pers["retrieval_train_views"]["values"])  # the measure's ceiling, per pair
+    for row in report["personalization"]:  # whom the generations are taken for: the retrieval is its subject's share
+        assert set(row["retrieved_as_attacked"]) == set(SUBJECTS)
+        assert sum(row["retrieved_as_attacked"].values()) == pytest.approx(1)
+        assert row["retrieved_as_attacked"]["robot"] == row["retrieval_attacked"]
+    assert "retrieved_as_attacked" not in pers  # not averaged
     assert summary["protection"]["pid"]["rows"] == 2 and np.isfinite(summary["protection"]["pid"]["psnr"]["mean"])
     # seed 1 run on its own gives the same numbers, so runs made apart merge into the one above (--merge)
     from eval.efficacy import merge
@@ -618,6 +624,8 @@ def test_gap_closed_carries_its_own_noise_over_generation_draws():
     old, new = _report([], [("frog", 0, 0.5)]), _report([], [("frog", 0, 0.5)])
     new["personalization"][0]["gap_closed_noise"] = 0.1
     new["personalization"][0]["gap_closed_views_mean"] = 1.2
+    new["personalization"][0]["retrieval_train_views"] = 0.75
+    new["personalization"][0]["retrieved_as_attacked"] = {"frog": 0.5, "kite": 0.5}
     assert ef.merge([old, new])["personalization"][0]["gap_closed"] == 0.5
 
 

@@ -126,7 +126,8 @@ def test_built_in_subjects_held_out_views_share_no_source_pixels():
 def test_retrieval_counts_what_lies_nearest_a_view_of_the_subject_and_reports_the_training_views_own(monkeypatch):
     """`recognised`: the share of images whose nearest held-out view (over every subject) is the subject's. The
     reference side reports it for the training views themselves, the measure's ceiling on that pair."""
-    from eval.experiment import THUMB, Setup, recognised, reference
+    from eval.efficacy import taken_for
+    from eval.experiment import THUMB, Setup, recognised, recognised_as, reference
     from ldu.metrics import thumbnails
 
     def flat(rgb, n):
@@ -136,6 +137,11 @@ def test_retrieval_counts_what_lies_nearest_a_view_of_the_subject_and_reports_th
     probes = thumbnails(flat((0.8, 0.2, 0.2), 2) + flat((0.2, 0.2, 0.7), 1), THUMB)
     assert recognised(probes, views, "red") == pytest.approx(2 / 3)
     assert recognised(probes, views, "blue") == pytest.approx(1 / 3)
+    # whom each image is taken for: every subject named, the shares summing to one, and the log line's words
+    assert recognised_as(probes, views) == pytest.approx({"red": 2 / 3, "blue": 1 / 3})
+    assert recognised_as(probes[:2], views) == {"red": 1.0, "blue": 0.0}
+    assert taken_for(recognised_as(probes, views), "red") == "; the rest taken for blue 0.33"
+    assert taken_for(recognised_as(probes[:2], views), "red") == ""
 
     class Base:  # reference() reaches the model only through _measure: stand it in, the ceiling is pixels alone
         kind = "tiny"
