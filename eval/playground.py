@@ -298,8 +298,9 @@ def survives_posting(paths, protected_paths, backbone, prompt: str, callback=Non
     return (f"After a 0.75× resize and JPEG at quality 85 (what a social network does), the protection keeps {kept} of "
             f"its effect on the attacker's starting loss ({fmt(r['gain'])} → {fmt(r['gain_after_posting'])}). This is a "
             "quick proxy, not what an attack learns. Measured on what attacks learn at JPEG 75, 32 dB (docs/RESULTS.md, "
-            "`python -m eval.efficacy --purify posting`): on the shipped pocket LDU's share was as large after posting "
-            "as before (+0.11 against +0.12 over 8 photo sets); on pocket v2 it was gone."), r
+            "`python -m eval.efficacy --purify posting`): on the shipped pocket LDU's share was about as large after "
+            "posting as before (+0.11 ± 0.16 against +0.12 ± 0.14 over 8 photo sets; Gaussian noise of the same PSNR "
+            "+0.00 after posting); on pocket v2 it was gone."), r
 
 
 # ---- Attack ---------------------------------------------------------------------------------------
