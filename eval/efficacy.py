@@ -52,7 +52,7 @@ from ldu.backbone import kind_of
 from ldu.protect import MAX_BATCH, to_pil
 from ldu.registry import parse_overrides
 from ldu.subjects import SUBJECTS, get_subject, subject_views
-from ldu.version import code_version
+from ldu.version import code_version, machine
 
 from . import experiment
 from .grid import match_psnr
@@ -342,8 +342,8 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
                     what = "the clean attack" if part == "personalization" else f"{row.get('method')}'s row"
                     raise ValueError(f"{what} for {k[0]} seed {k[1]} differs between {other} and {name} ({diff[0]}: "
                                      f"{kept.get(diff[0])!r} vs {row.get(diff[0])!r}): not the same experiment (other "
-                                     "code, or a GPU, where attacks are not bit-reproducible?); re-run one of them with "
-                                     "the other's settings, or merge runs that do not overlap")
+                                     "code, or another machine: a long attack repeats to the digit on one machine only); "
+                                     "re-run one of them with the other's settings there, or merge runs that do not overlap")
     for name, r in zip(names, reports):
         for k, v in (r.get("matched_budgets") or {}).items():
             if k in out["matched_budgets"] and not _close(out["matched_budgets"][k], v):
@@ -351,6 +351,9 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             out["matched_budgets"].setdefault(k, v)
     codes = (r.get("code") for r in reports)  # a merged report's code is already a list
     out["code"] = list(dict.fromkeys(c for code in codes for c in (code if isinstance(code, list) else [code])))  # one unless they differ
+    machines = (r.get("machine") for r in reports)  # a merged report's machine is already a list; old runs have none
+    out["machine"] = [dict(m) for m in {json.dumps(m, sort_keys=True): m for ms in machines if ms
+                                        for m in (ms if isinstance(ms, list) else [ms])}.values()]
     out["partial"] = any(r.get("partial") for r in reports)  # a run stopped midway stays marked
     out["subjects"] = list(dict.fromkeys(row["subject"] for row in out["personalization"]))
     out["seeds"] = sorted({row["seed"] for row in out["personalization"]})
@@ -639,7 +642,7 @@ def main(argv=None) -> int:
             "generations": args.generations,
             "guidance": args.guidance if args.guidance is not None else experiment.GENERATION[kind_of(args.model)][1],
             "other_prompts": list(other_prompts or experiment.other_prompts(kind_of(args.model))),
-            "argv": sys.argv[1:] if argv is None else argv, "code": code_version()}
+            "argv": sys.argv[1:] if argv is None else argv, "code": code_version(), "machine": machine()}
 
     def write(report: dict, partial: bool):
         write_json(args.out, {**report, **meta, "seconds": time.perf_counter() - t0, "partial": partial})
@@ -719,6 +722,10 @@ def merge_main(args, ap) -> int:
     if len(report["code"]) > 1:
         print(f"note: these runs were made with different code ({', '.join(map(str, report['code']))}); where they "
               "overlap their numbers agree, but a change that touches only the rows that do not overlap would not show")
+    if len(report["machine"]) > 1:
+        cpus = "; ".join(str(m.get("cpu")) for m in report["machine"])
+        print(f"note: these runs were made on {len(report['machine'])} machines ({cpus}); where they overlap their "
+              "numbers agree, but a long attack repeats to the digit on one machine only, so the means mix machines")
     summary = summarize(report)
     report["summary"] = summary
     print_summary(summary)

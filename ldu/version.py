@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -37,3 +39,22 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def machine() -> dict:
+    """Where a run ran: the CPU's model and the kernels torch picked for it, its cores, torch's threads, the GPU and
+    the libraries. A long CPU attack repeats to the last digit on one machine but not across machines
+    (docs/RESULTS.md, "These clean attacks are not the v3 table's"), so a run file says which machine it ran on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # the ISA torch's kernels use
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "libraries": library_versions()}

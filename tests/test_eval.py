@@ -313,17 +313,21 @@ def test_merge_joins_runs_of_one_experiment_and_refuses_runs_that_are_not(tmp_pa
         merge([a, one_sided])
     with pytest.raises(ValueError, match="frog/noise's matched budget differs"):
         merge([a, _report([], [], matched={"frog/noise": {"budget_rms": 0.03}})])
-    (tmp_path / "a.json").write_text(json.dumps({**a, "code": "0.1.0+gaaa"}))
-    (tmp_path / "b.json").write_text(json.dumps({**b, "code": "0.1.0+gbbb"}))
+    here, there = {"cpu": "CPU one", "cores": 2}, {"cpu": "CPU two", "cores": 2}  # the machine each run ran on
+    (tmp_path / "a.json").write_text(json.dumps({**a, "code": "0.1.0+gaaa", "machine": here}))
+    (tmp_path / "b.json").write_text(json.dumps({**b, "code": "0.1.0+gbbb", "machine": there}))
     assert main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     assert json.loads((tmp_path / "m.json").read_text())["seeds"] == [0, 1, 2] and "ldu - noise" in out
     assert "made with different code (0.1.0+gaaa, 0.1.0+gbbb)" in out
+    assert "made on 2 machines (CPU one; CPU two)" in out
     # a merged report merges again (its code is a list): a third seed joins the first two
-    (tmp_path / "c.json").write_text(json.dumps({**_report([("frog", 3, "ldu", 0.5)], [("frog", 3, 0.7)]), "code": "0.1.0+gbbb"}))
+    (tmp_path / "c.json").write_text(json.dumps({**_report([("frog", 3, "ldu", 0.5)], [("frog", 3, 0.7)]), "code": "0.1.0+gbbb",
+                                                 "machine": there}))
     assert main(["--merge", f"{tmp_path / 'm.json'},{tmp_path / 'c.json'}", "--out", str(tmp_path / "m2.json")]) == 0
     again = json.loads((tmp_path / "m2.json").read_text())
     assert again["seeds"] == [0, 1, 2, 3] and again["code"] == ["0.1.0+gaaa", "0.1.0+gbbb"]
+    assert again["machine"] == [here, there]  # one entry per machine, however often it recurs
     assert "made with different code (0.1.0+gaaa, 0.1.0+gbbb)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as err:
         main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'nope.json'}"])
@@ -699,6 +703,7 @@ def test_drift_per_other_prompt_and_other_prompts_are_part_of_the_experiment(tin
              "--other-prompts", "a photo of a dog; a photo of a cat", "--out", str(out)])
     rec = json.loads(out.read_text())
     assert rec["other_prompts"] == ["a photo of a dog", "a photo of a cat"]
+    assert rec["machine"]["cores"] >= 1 and rec["machine"]["libraries"]["torch"] and rec["machine"]["cpu"]  # where it ran
     assert list(rec["personalization"][0]["per_prompt"]) == rec["other_prompts"]
     with pytest.raises(ValueError, match="differ in other_prompts"):
         ef.merge([_report([], [("frog", 0, 0.5)]), {**_report([], [("kite", 0, 0.5)]), "other_prompts": ["a"]}])
