@@ -5,7 +5,8 @@ Cells are cached by a key over their whole specification, the code version and t
 (out/cells/<key>.json): a rerun skips finished cells and retries failed ones. A failing cell is recorded with its
 error and the grid goes on. Shards: with RANK / WORLD_SIZE set (torchrun, accelerate launch) each process takes
 every WORLD_SIZE-th cell and writes results-rank<R>.jsonl; after a barrier, rank 0 merges them and writes the
-report (eval/report.py).
+report (eval/report.py). Each cell records the machine it ran on; the report says so when its cells ran on more
+than one (a grid resumed elsewhere), since a long CPU attack repeats to the digit on one machine only.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ldu.io import load_images
 from ldu.registry import Cancelled, report
 from ldu.protect import to_pil
 from ldu.subjects import get_subject, subject_views
-from ldu.version import code_version, library_versions
+from ldu.version import code_version, library_versions, machine
 
 from . import experiment
 from .config import Config, Named
@@ -168,7 +169,7 @@ class Runner:
 
     def run_cell(self, cell: Cell, key: str) -> dict:
         t0 = time.perf_counter()
-        record = {"key": key, **cell.spec(), "label": cell.label(), "rank": self.rank}
+        record = {"key": key, **cell.spec(), "label": cell.label(), "rank": self.rank, "machine": machine()}
         try:
             record.update(self._chain(cell, key))
             record["status"] = "ok"

@@ -133,8 +133,15 @@ def test_example_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     html = report.read_text()
     assert "data:image/png;base64," in html and "Learning prevented" in html and "src='cells/" not in html
 
+    assert all(r["machine"]["cpu"] and r["machine"]["libraries"]["torch"] for r in records)  # where each cell ran
+    assert "machines" not in html
+
     monkeypatch.setattr("eval.experiment.train", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    cached = next((tmp_path / "cells").glob("*.json"))  # one cell as if run on another machine, then resumed here
+    cell = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**cell, "machine": {**cell["machine"], "cpu": "another CPU"}}))
     run(cfg, tmp_path, progress=False)  # everything cached: nothing trains
+    assert "ran on 2 machines" in report.read_text() and "another CPU" in report.read_text()
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
