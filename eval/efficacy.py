@@ -52,7 +52,7 @@ from ldu.backbone import kind_of
 from ldu.protect import MAX_BATCH, to_pil
 from ldu.registry import parse_overrides
 from ldu.subjects import SUBJECTS, get_subject, subject_views
-from ldu.version import code_version, machine
+from ldu.version import code_version, distinct_machines, machine
 
 from . import experiment
 from .grid import match_psnr
@@ -351,9 +351,7 @@ def merge(reports: list[dict], names: list[str] | None = None) -> dict:
             out["matched_budgets"].setdefault(k, v)
     codes = (r.get("code") for r in reports)  # a merged report's code is already a list
     out["code"] = list(dict.fromkeys(c for code in codes for c in (code if isinstance(code, list) else [code])))  # one unless they differ
-    machines = (r.get("machine") for r in reports)  # a merged report's machine is already a list; old runs have none
-    out["machine"] = [dict(m) for m in {json.dumps(m, sort_keys=True): m for ms in machines if ms
-                                        for m in (ms if isinstance(ms, list) else [ms])}.values()]
+    out["machine"] = distinct_machines(r.get("machine") for r in reports)
     out["partial"] = any(r.get("partial") for r in reports)  # a run stopped midway stays marked
     out["subjects"] = list(dict.fromkeys(row["subject"] for row in out["personalization"]))
     out["seeds"] = sorted({row["seed"] for row in out["personalization"]})

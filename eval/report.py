@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldu.version import distinct_machines
+
 from . import experiment
 from .config import Config
 
@@ -189,10 +191,10 @@ def render_html(cfg: Config, rows: list[dict], records: list[dict], plots: list[
     if reasons:
         parts.append("<details><summary>Unavailable values and why</summary><ul>"
                      + "".join(f"<li>{esc(x)}</li>" for x in sorted(reasons)) + "</ul></details>")
-    machines = {json.dumps(r["machine"], sort_keys=True): r["machine"] for r in records if r.get("machine")}
+    machines = distinct_machines(r.get("machine") for r in records)
     if len(machines) > 1:  # a grid resumed elsewhere, or ranks on several nodes: a share pairs cells run apart
         parts.append(f"<p class='err'><b>These cells ran on {len(machines)} machines</b> ("
-                     + esc("; ".join(str(m.get("cpu")) for m in machines.values())) + "). A long attack repeats to the "
+                     + esc("; ".join(str(m.get("cpu")) for m in machines)) + "). A long attack repeats to the "
                      "digit on one machine only, so a protected cell and its clean reference may differ by more than "
                      "the protection: rerun the grid on one machine to pair them.</p>")
     failed = [r for r in records if r.get("status") != "ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -58,3 +59,13 @@ def machine() -> dict:
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "libraries": library_versions()}
+
+
+def distinct_machines(records) -> list[dict]:
+    """The different machines among records' `machine` entries (each a dict, a list of them as in a merged run, or
+    None for a run from before the field), in first-seen order."""
+    seen = {}
+    for ms in records:
+        for m in (ms if isinstance(ms, list) else [ms]) if ms else []:
+            seen.setdefault(json.dumps(m, sort_keys=True), dict(m))
+    return list(seen.values())
